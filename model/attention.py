@@ -1,0 +1,75 @@
+"""Causal softmax attention over the session's window only, with its KV cache passed in and returned.
+
+Positions are indices within the window (RoPE restarts at every window): the window is all attention
+ever sees, and everything older reaches the model only through the gdn layers' fast weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the window, in preallocated buffers of the window's capacity."""
+
+    keys: Tensor  # [B, H, capacity, D]
+    values: Tensor  # [B, H, capacity, D]
+
+
+def rotary(x: Tensor, positions: Tensor, base: float) -> Tensor:
+    """Rotate-half RoPE. x: [B, H, T, D]; positions: [B, T] (ints)."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # [D/2]
+    angles = positions[:, None, :, None].float() * freqs  # [B, 1, T, D/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.rope_base = config.rope_base
+        self.qkv = nn.Linear(config.d_model, 3 * config.n_heads * config.head_dim, bias=False)
+        self.out = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+
+    def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, T, D]
+        return rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base), v
+
+    def _merge(self, o: Tensor) -> Tensor:  # [B, H, T, D] -> [B, T, d_model]
+        B, _, T, _ = o.shape
+        return self.out(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A whole window from its start (training, sleep). x: [B, T, d]. Returns y, keys, values."""
+        B, T, _ = x.shape
+        positions = torch.arange(T, device=x.device).expand(B, T)
+        q, k, v = self._project(x, positions)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self._merge(o), k, v
+
+    def extend(self, x: Tensor, cache: KVCache, lengths: Tensor) -> tuple[Tensor, KVCache]:
+        """Append T tokens to windows already holding `lengths` tokens (decode, continued prefill).
+
+        x: [B, T, d]; lengths: [B]. The cache buffers are written in place and returned.
+        """
+        B, T, _ = x.shape
+        positions = lengths[:, None] + torch.arange(T, device=x.device)  # [B, T]
+        q, k, v = self._project(x, positions)
+        slots = positions[:, None, :, None].expand(B, self.n_heads, T, self.head_dim)
+        cache.keys.scatter_(2, slots, k)
+        cache.values.scatter_(2, slots, v)
+        capacity = cache.keys.shape[2]
+        visible = torch.arange(capacity, device=x.device) <= positions[..., None]  # [B, T, capacity]
+        o = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=visible[:, None])
+        return self._merge(o), cache

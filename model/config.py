@@ -1,0 +1,91 @@
+"""ModelConfig: everything that shapes the network and its sleep, passed whole to every module."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Schedule = Literal["hard", "lagged"]
+SCHEDULES: tuple[str, ...] = ("hard", "lagged")
+LAYER_KINDS: tuple[str, ...] = ("attn", "gdn")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 272  # 256 bytes + special tokens (see tokenizer.py), rounded up to a multiple of 16
+    d_model: int = 128
+    layers: list[str] = field(default_factory=lambda: ["attn", "gdn", "attn", "gdn"])
+    n_heads: int = 4  # attention heads
+    head_dim: int = 32  # attention head size
+    gdn_heads: int = 4
+    gdn_key_dim: int = 32  # fast-weight memory per gdn head is gdn_key_dim × gdn_value_dim
+    gdn_value_dim: int = 32
+    conv_size: int = 4  # short causal convolution on q, k, v of the gdn layer
+    mlp_ratio: int = 4
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    window: int = 64  # L: tokens per chunk; attention sees 1 (hard) or 2 (lagged) chunks
+    schedule: Schedule = "lagged"
+    sleep_passes: int = 4  # default N
+    gdn_chunk_size: int = 32  # block size of the chunk-parallel gated delta rule
+    # The lagged construction this model was trained with (design.md): the previous chunk is run once
+    # more from M_{j-2} at each boundary, so its keys and values are exactly pass 1 of its sleep.
+    lagged_construction: Literal["re-prefill"] = "re-prefill"
+    # Trained with chunk lengths drawn from [window // 2, window]: the server may consolidate early.
+    variable_chunks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        bad = [kind for kind in self.layers if kind not in LAYER_KINDS]
+        if bad or not self.layers:
+            raise ValueError(f"layers must be a non-empty list of {LAYER_KINDS}, got {self.layers}")
+        if "gdn" not in self.layers:
+            raise ValueError("a sleeping model needs at least one gdn layer to hold its memory")
+        if self.window < 1 or self.sleep_passes < 1:
+            raise ValueError("window and sleep_passes must be positive")
+
+    @property
+    def lag(self) -> int:
+        """Completed chunks that attention still sees: 0 for hard, 1 for lagged."""
+        return 1 if self.schedule == "lagged" else 0
+
+    @property
+    def window_capacity(self) -> int:
+        """Most tokens the attention window ever holds: (lag + 1) × L."""
+        return (self.lag + 1) * self.window
+
+    @property
+    def n_gdn(self) -> int:
+        return self.layers.count("gdn")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_json(Path(path).read_text())
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,75 @@
+"""Gated DeltaNet layer: the fast-weight memory that sleep writes into.
+
+As in fla's GatedDeltaNet: q, k, v get a short causal depthwise convolution (SiLU); q, k are
+L2-normalised; α = exp(g) with a Mamba2-style decay gate g = −exp(A_log)·softplus(a(x) + dt_bias);
+β = sigmoid(b(x)); the output passes an RMSNorm gated by SiLU(g_proj(x)). The fast weights enter and
+leave explicitly; the convolution restarts (zero history) at every window, like attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+from model.gated_delta import gated_delta_chunk, gated_delta_recurrent
+
+
+@dataclass
+class FastWeightCache:
+    """A gdn layer's live state inside the window."""
+
+    fast: Tensor  # [B, H, K, V] memory plus this window's updates so far
+    conv: Tensor  # [B, channels, conv_size - 1] last inputs of the short convolution
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        H, K, V = config.gdn_heads, config.gdn_key_dim, config.gdn_value_dim
+        self.heads, self.key_dim, self.value_dim = H, K, V
+        self.chunk_size = config.gdn_chunk_size
+        self.channels = H * (2 * K + V)
+        self.qkv = nn.Linear(config.d_model, self.channels, bias=False)
+        self.conv = nn.Conv1d(self.channels, self.channels, config.conv_size, groups=self.channels, bias=False)
+        self.decay_proj = nn.Linear(config.d_model, H, bias=False)  # a(x)
+        self.beta_proj = nn.Linear(config.d_model, H, bias=False)  # b(x)
+        self.gate_proj = nn.Linear(config.d_model, H * V, bias=False)
+        self.out_norm = nn.RMSNorm(V, eps=config.norm_eps)
+        self.out = nn.Linear(H * V, config.d_model, bias=False)
+        # Mamba2 initialisation: A ~ U(1, 16), dt ~ logU(1e-3, 1e-1) stored as softplus⁻¹(dt).
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
+        dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+
+    def empty_conv(self, batch: int, like: Tensor) -> Tensor:
+        return like.new_zeros(batch, self.channels, self.conv.kernel_size[0] - 1)
+
+    def forward(self, x: Tensor, fast: Tensor, conv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, T, d]; fast: [B, H, K, V]; conv: [B, channels, conv_size-1] or None (window start).
+
+        Returns y [B, T, d], the fast weights after the T tokens, and the new convolution state.
+        """
+        B, T, _ = x.shape
+        H, K, V = self.heads, self.key_dim, self.value_dim
+        if conv is None:
+            conv = self.empty_conv(B, x)
+        mixed = torch.cat([conv, self.qkv(x).transpose(1, 2)], dim=-1)  # [B, channels, W-1+T]
+        qkv = F.silu(self.conv(mixed)).transpose(1, 2)  # [B, T, channels]
+        q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
+        q = F.normalize(q.view(B, T, H, K), dim=-1)
+        k = F.normalize(k.view(B, T, H, K), dim=-1)
+        v = v.view(B, T, H, V)
+        g = -self.A_log.exp() * F.softplus(self.decay_proj(x) + self.dt_bias)  # [B, T, H] log α
+        beta = torch.sigmoid(self.beta_proj(x))  # [B, T, H]
+        if T == 1:
+            o, fast = gated_delta_recurrent(q, k, v, g, beta, fast)
+        else:
+            o, fast = gated_delta_chunk(q, k, v, g, beta, fast, self.chunk_size)
+        gate = F.silu(self.gate_proj(x)).view(B, T, H, V)
+        y = self.out((self.out_norm(o) * gate).reshape(B, T, H * V))
+        return y, fast, mixed[..., mixed.shape[-1] - conv.shape[-1] :]

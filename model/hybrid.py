@@ -1,0 +1,184 @@
+"""The hybrid LM: blocks alternating attention and gated-delta-rule layers, with explicit state.
+
+Three operations, each taking its state and returning the new one:
+- `forward(tokens, memory)`: one pass over a window that starts from consolidated memory (training);
+- `extend(tokens, cache)`: append tokens to a batch of windows at different fill levels (decode, prefill);
+- `sleep(memory, chunk, passes)`: Algorithm 1's consolidation, a pure function of its arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from model.attention import KVCache, WindowAttention
+from model.config import ModelConfig
+from model.gdn import FastWeightCache, GatedDeltaNet
+
+Memory = list[Tensor]  # consolidated fast weights, one [B, H, K, V] tensor per gdn layer
+
+
+@dataclass
+class WindowCache:
+    """Everything the current attention window holds for a batch of sessions (dim 0).
+
+    Derived from (memory, unconsolidated tokens) by `extend`, so it is never stored: a session resumes
+    by re-running its ≤ 2L window tokens.
+    """
+
+    layers: list[KVCache | FastWeightCache]  # one entry per block, by its kind
+    lengths: Tensor  # [B] tokens in each window
+
+    def fast_weights(self) -> Memory:
+        return [c.fast for c in self.layers if isinstance(c, FastWeightCache)]
+
+    @staticmethod
+    def stack(caches: list[WindowCache]) -> WindowCache:
+        """Joins single-session caches into one batch (all of the same model)."""
+        layers: list[KVCache | FastWeightCache] = []
+        for parts in zip(*(c.layers for c in caches), strict=True):
+            if isinstance(parts[0], KVCache):
+                layers.append(KVCache(torch.cat([p.keys for p in parts]), torch.cat([p.values for p in parts])))
+            else:
+                layers.append(
+                    FastWeightCache(torch.cat([p.fast for p in parts]), torch.cat([p.conv for p in parts]))
+                )
+        return WindowCache(layers, torch.cat([c.lengths for c in caches]))
+
+    def select(self, rows: list[int] | Tensor) -> WindowCache:
+        """The sub-batch of the given rows (copies)."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        layers: list[KVCache | FastWeightCache] = []
+        for c in self.layers:
+            if isinstance(c, KVCache):
+                layers.append(KVCache(c.keys[index], c.values[index]))
+            else:
+                layers.append(FastWeightCache(c.fast[index], c.conv[index]))
+        return WindowCache(layers, self.lengths[index])
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = config.mlp_ratio * config.d_model
+        self.up = nn.Linear(config.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, config.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(nn.functional.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.mixer_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mixer = WindowAttention(config) if kind == "attn" else GatedDeltaNet(config)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, kind) for kind in config.layers)
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def empty_memory(self, batch: int = 1) -> Memory:
+        c = self.config
+        return [
+            torch.zeros(batch, c.gdn_heads, c.gdn_key_dim, c.gdn_value_dim, device=self.device)
+            for _ in range(c.n_gdn)
+        ]
+
+    def open_window(self, memory: Memory) -> WindowCache:
+        """An empty window whose gdn layers start from `memory` (not modified)."""
+        c, batch = self.config, memory[0].shape[0]
+        fast = iter(memory)
+        layers: list[KVCache | FastWeightCache] = []
+        for block in self.blocks:
+            if block.kind == "attn":
+                shape = (batch, c.n_heads, c.window_capacity, c.head_dim)
+                layers.append(KVCache(memory[0].new_zeros(shape), memory[0].new_zeros(shape)))
+            else:
+                layers.append(FastWeightCache(next(fast), block.mixer.empty_conv(batch, memory[0])))
+        return WindowCache(layers, torch.zeros(batch, dtype=torch.long, device=self.device))
+
+    # -- passes ------------------------------------------------------------------------------------
+
+    def run_blocks(self, h: Tensor, fast: Memory) -> tuple[Tensor, Memory]:
+        """One pass of the block stack over a window from its start. h: [B, T, d] -> (h, fast)."""
+        fast_in, fast_out = iter(fast), []
+        for block in self.blocks:
+            x = block.mixer_norm(h)
+            if block.kind == "attn":
+                y, _, _ = block.mixer(x)
+            else:
+                y, new_fast, _ = block.mixer(x, next(fast_in))
+                fast_out.append(new_fast)
+            h = h + y
+            h = h + block.mlp(block.mlp_norm(h))
+        return h, fast_out
+
+    def logits(self, h: Tensor) -> Tensor:
+        return self.head(self.norm(h))
+
+    def forward(self, tokens: Tensor, memory: Memory) -> Tensor:
+        """Logits [B, T, vocab] of one window pass over tokens [B, T] that starts from `memory`."""
+        h, _ = self.run_blocks(self.embed(tokens), memory)
+        return self.logits(h)
+
+    def sleep(self, memory: Memory, chunk: Tensor, passes: int) -> Memory:
+        """Algorithm 1: h ← Embed(chunk); N times: h, S ← Blocks(h, S). Returns the new memory S.
+
+        Hidden states carry from pass to pass, the fast weights accumulate, attention is rebuilt within
+        each pass over the chunk alone; h and the keys and values are discarded afterwards.
+        chunk: [B, T] token ids; memory: M_{j-1} (not modified). Returns M_j.
+        """
+        if passes < 1:
+            raise ValueError(f"sleep needs at least one pass, got {passes}")
+        h, fast = self.embed(chunk), memory
+        for _ in range(passes):
+            h, fast = self.run_blocks(h, fast)
+        return fast
+
+    def extend(self, tokens: Tensor, cache: WindowCache) -> tuple[Tensor, WindowCache]:
+        """Append tokens [B, T] to each window of the batch (which may hold different numbers of tokens).
+
+        Returns logits [B, T, vocab] and the cache, whose attention buffers are updated in place.
+        The caller keeps each window within its capacity (the session's schedule does).
+        """
+        if int(cache.lengths.max()) + tokens.shape[1] > self.config.window_capacity:
+            raise ValueError("window overflow: consolidate before extending past (lag + 1) × window")
+        h = self.embed(tokens)
+        layers: list[KVCache | FastWeightCache] = []
+        for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
+            x = block.mixer_norm(h)
+            if isinstance(layer_cache, KVCache):
+                y, layer_cache = block.mixer.extend(x, layer_cache, cache.lengths)
+            else:
+                y, fast, conv = block.mixer(x, layer_cache.fast, layer_cache.conv)
+                layer_cache = FastWeightCache(fast, conv)
+            layers.append(layer_cache)
+            h = h + y
+            h = h + block.mlp(block.mlp_norm(h))
+        return self.logits(h), WindowCache(layers, cache.lengths + tokens.shape[1])
