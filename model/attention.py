@@ -43,7 +43,9 @@ class WindowAttention(nn.Module):
 
     def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, T, D]
+        q, k, v = (
+            self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # [B, H, T, D]
         return rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base), v
 
     def _merge(self, o: Tensor) -> Tensor:  # [B, H, T, D] -> [B, T, d_model]

@@ -43,8 +43,6 @@ class ModelConfig:
         bad = [kind for kind in self.layers if kind not in LAYER_KINDS]
         if bad or not self.layers:
             raise ValueError(f"layers must be a non-empty list of {LAYER_KINDS}, got {self.layers}")
-        if "gdn" not in self.layers:
-            raise ValueError("a sleeping model needs at least one gdn layer to hold its memory")
         if self.window < 1 or self.sleep_passes < 1:
             raise ValueError("window and sleep_passes must be positive")
 

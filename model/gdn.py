@@ -35,7 +35,9 @@ class GatedDeltaNet(nn.Module):
         self.chunk_size = config.gdn_chunk_size
         self.channels = H * (2 * K + V)
         self.qkv = nn.Linear(config.d_model, self.channels, bias=False)
-        self.conv = nn.Conv1d(self.channels, self.channels, config.conv_size, groups=self.channels, bias=False)
+        self.conv = nn.Conv1d(
+            self.channels, self.channels, config.conv_size, groups=self.channels, bias=False
+        )
         self.decay_proj = nn.Linear(config.d_model, H, bias=False)  # a(x)
         self.beta_proj = nn.Linear(config.d_model, H, bias=False)  # b(x)
         self.gate_proj = nn.Linear(config.d_model, H * V, bias=False)

@@ -40,7 +40,9 @@ class WindowCache:
         layers: list[KVCache | FastWeightCache] = []
         for parts in zip(*(c.layers for c in caches), strict=True):
             if isinstance(parts[0], KVCache):
-                layers.append(KVCache(torch.cat([p.keys for p in parts]), torch.cat([p.values for p in parts])))
+                layers.append(
+                    KVCache(torch.cat([p.keys for p in parts]), torch.cat([p.values for p in parts]))
+                )
             else:
                 layers.append(
                     FastWeightCache(torch.cat([p.fast for p in parts]), torch.cat([p.conv for p in parts]))
@@ -111,14 +113,17 @@ class HybridLM(nn.Module):
         ]
 
     def open_window(self, memory: Memory) -> WindowCache:
-        """An empty window whose gdn layers start from `memory` (not modified)."""
-        c, batch = self.config, memory[0].shape[0]
+        """An empty window whose gdn layers start from `memory` (not modified). A model without gdn
+        layers (the full-attention baseline) has no memory: its window is one session's whole context."""
+        c, batch = self.config, memory[0].shape[0] if memory else 1
         fast = iter(memory)
         layers: list[KVCache | FastWeightCache] = []
         for block in self.blocks:
             if block.kind == "attn":
                 shape = (batch, c.n_heads, c.window_capacity, c.head_dim)
-                layers.append(KVCache(memory[0].new_zeros(shape), memory[0].new_zeros(shape)))
+                layers.append(
+                    KVCache(torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device))
+                )
             else:
                 layers.append(FastWeightCache(next(fast), block.mixer.empty_conv(batch, memory[0])))
         return WindowCache(layers, torch.zeros(batch, dtype=torch.long, device=self.device))

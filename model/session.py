@@ -60,7 +60,9 @@ def sleep_on(model: HybridLM, state: SessionState, n_tokens: int, passes: int) -
     return SleepReport(n_tokens, passes, seconds)
 
 
-def apply_sleep(state: SessionState, memory: list[Tensor], n_tokens: int, passes: int, seconds: float) -> None:
+def apply_sleep(
+    state: SessionState, memory: list[Tensor], n_tokens: int, passes: int, seconds: float
+) -> None:
     """Swap in the memory that consolidated the first n_tokens of the tail, and count it."""
     state.memory = memory
     del state.tail[:n_tokens]

@@ -46,7 +46,9 @@ class SessionState:
     sleep_seconds: float = 0.0
 
     def clone(self) -> SessionState:
-        return SessionState(**{**self.__dict__, "memory": [m.clone() for m in self.memory], "tail": list(self.tail)})
+        return SessionState(
+            **{**self.__dict__, "memory": [m.clone() for m in self.memory], "tail": list(self.tail)}
+        )
 
     def to_bytes(self, fingerprint: str, capacity: int) -> bytes:
         """Serialise to a blob whose size is fixed by the model; `capacity` is the window capacity."""
@@ -54,7 +56,9 @@ class SessionState:
             raise ValueError(f"tail of {len(self.tail)} tokens exceeds the window capacity {capacity}")
         tail = torch.full((capacity,), -1, dtype=torch.int32)
         tail[: len(self.tail)] = torch.tensor(self.tail, dtype=torch.int32)
-        tensors = {f"memory.{i}": m.detach().to("cpu", torch.float32).contiguous() for i, m in enumerate(self.memory)}
+        tensors = {
+            f"memory.{i}": m.detach().to("cpu", torch.float32).contiguous() for i, m in enumerate(self.memory)
+        }
         tensors["tail"] = tail
         tensors["counters"] = torch.tensor(
             [getattr(self, name) for name in _COUNTERS] + [self.prev_len, len(self.tail)], dtype=torch.int64
