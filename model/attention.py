@@ -71,7 +71,8 @@ class WindowAttention(nn.Module):
         slots = positions[:, None, :, None].expand(B, self.n_heads, T, self.head_dim)
         cache.keys.scatter_(2, slots, k)
         cache.values.scatter_(2, slots, v)
-        capacity = cache.keys.shape[2]
-        visible = torch.arange(capacity, device=x.device) <= positions[..., None]  # [B, T, capacity]
-        o = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=visible[:, None])
+        used = int(positions.max()) + 1  # attend over the filled part of the buffers only
+        visible = torch.arange(used, device=x.device) <= positions[..., None]  # [B, T, used]
+        keys, values = cache.keys[:, :, :used], cache.values[:, :, :used]
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None])
         return self._merge(o), cache
