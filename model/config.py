@@ -16,20 +16,20 @@ LAYER_KINDS: tuple[str, ...] = ("attn", "gdn")
 @dataclass
 class ModelConfig:
     vocab_size: int = 272  # 256 bytes + special tokens (see tokenizer.py), rounded up to a multiple of 16
-    d_model: int = 128
+    d_model: int = 64
     layers: list[str] = field(default_factory=lambda: ["attn", "gdn", "attn", "gdn"])
     n_heads: int = 4  # attention heads
-    head_dim: int = 32  # attention head size
-    gdn_heads: int = 4
+    head_dim: int = 16  # attention head size
+    gdn_heads: int = 2
     gdn_key_dim: int = 32  # fast-weight memory per gdn head is gdn_key_dim × gdn_value_dim
     gdn_value_dim: int = 32
     conv_size: int = 4  # short causal convolution on q, k, v of the gdn layer
     mlp_ratio: int = 4
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
-    window: int = 64  # L: tokens per chunk; attention sees 1 (hard) or 2 (lagged) chunks
+    window: int = 32  # L: tokens per chunk; attention sees 1 (hard) or 2 (lagged) chunks
     schedule: Schedule = "lagged"
-    sleep_passes: int = 4  # default N
+    sleep_passes: int = 3  # default N
     gdn_chunk_size: int = 32  # block size of the chunk-parallel gated delta rule
     # The lagged construction this model was trained with (design.md): the previous chunk is run once
     # more from M_{j-2} at each boundary, so its keys and values are exactly pass 1 of its sleep.

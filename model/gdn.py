@@ -61,7 +61,11 @@ class GatedDeltaNet(nn.Module):
         if conv is None:
             conv = self.empty_conv(B, x)
         mixed = torch.cat([conv, self.qkv(x).transpose(1, 2)], dim=-1)  # [B, channels, W-1+T]
-        qkv = F.silu(self.conv(mixed)).transpose(1, 2)  # [B, T, channels]
+        # Depthwise causal convolution as a sum over its few taps: much faster than conv1d's CPU
+        # backward, and the same numbers.
+        taps = self.conv.weight[:, 0]  # [channels, W]
+        qkv = sum(mixed[..., i : i + T] * taps[:, i, None] for i in range(taps.shape[1]))
+        qkv = F.silu(qkv).transpose(1, 2)  # [B, T, channels]
         q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
         q = F.normalize(q.view(B, T, H, K), dim=-1)
         k = F.normalize(k.view(B, T, H, K), dim=-1)

@@ -50,6 +50,9 @@ class TrainConfig:
     eval_every: int = 250
     eval_per_difficulty: int = 100
     device: str = "cpu"
+    # Draw N per step from this range instead of always using model.sleep_passes, so that the server
+    # may choose its depth adaptively within it.
+    passes_range: tuple[int, int] | None = None
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "model": self.model.to_dict()}
@@ -204,11 +207,12 @@ def train(config: TrainConfig, out: Path, resume: bool = False) -> HybridLM:
         tokens, first = encode_batch([task.example(data_rng) for _ in range(config.batch_size)])
         tokens = tokens.to(config.device)
         bounds = chunk_bounds(tokens.shape[1], config.model.window, data_rng if variable else None)
+        step_passes = data_rng.randint(*config.passes_range) if config.passes_range else passes
         factor = lr_factor(step, config)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = config.lr * factor
-        logits = answer_logits(model, tokens, first, bounds, passes)
+        logits = answer_logits(model, tokens, first, bounds, step_passes)
         targets = tokens[:, first:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         for opt in optimizers:
@@ -281,17 +285,18 @@ PRESETS: dict[str, TrainConfig] = {
         eval_every=500,
         device="cuda",
     ),
-    # The shipped checkpoint: a mix of the three tasks, lagged schedule, variable chunk lengths.
+    # The shipped checkpoint: a mix of the three tasks, lagged schedule, variable chunk lengths, N in 1–4.
     "checkpoint": TrainConfig(
         tasks={
-            "rule110": {"cells": 10, "strings": 2, "min_steps": 1, "max_steps": 4, "filler_windows": 1},
-            "hops": {"nodes": 12, "context_windows": 2, "max_hops": 4},
-            "chains": {"max_ops": 3, "context_windows": 2},
+            "rule110": {"cells": 10, "strings": 2, "min_steps": 1, "max_steps": 3, "filler_windows": 1},
+            "hops": {"nodes": 8, "context_windows": 2, "max_hops": 3},
+            "chains": {"max_ops": 2, "context_windows": 2, "statements_per_window": 3},
         },
-        model=ModelConfig(window=64, schedule="lagged", sleep_passes=2, variable_chunks=True),
-        steps=1500,
-        batch_size=64,
+        model=ModelConfig(schedule="lagged", sleep_passes=3, variable_chunks=True),
+        steps=2500,
+        batch_size=32,
         eval_every=500,
+        passes_range=(1, 4),
     ),
 }
 
