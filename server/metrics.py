@@ -16,24 +16,39 @@ class Metrics:
         self.registry = CollectorRegistry()
         r, p = self.registry, "sleepserve_"
         self.time_to_first_token = Histogram(
-            p + "time_to_first_token_seconds", "Time from request arrival to its first token.", buckets=_LATENCY, registry=r
+            p + "time_to_first_token_seconds",
+            "Time from request arrival to its first token.",
+            buckets=_LATENCY,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
-            p + "inter_token_latency_seconds", "Gap between consecutive tokens of a stream.", buckets=_GAP, registry=r
+            p + "inter_token_latency_seconds",
+            "Gap between consecutive tokens of a stream.",
+            buckets=_GAP,
+            registry=r,
         )
         self.e2e_request_latency = Histogram(
-            p + "e2e_request_latency_seconds", "Request arrival to its last token.", buckets=_LATENCY, registry=r
+            p + "e2e_request_latency_seconds",
+            "Request arrival to its last token.",
+            buckets=_LATENCY,
+            registry=r,
         )
         self.requests_running = Gauge(p + "requests_running", "Requests in the decode batch.", registry=r)
-        self.requests_waiting = Gauge(p + "requests_waiting", "Requests queued for the decode batch.", registry=r)
-        self.sessions_active = Gauge(p + "sessions_active", "Sessions held in this replica's store.", registry=r)
+        self.requests_waiting = Gauge(
+            p + "requests_waiting", "Requests queued for the decode batch.", registry=r
+        )
+        self.sessions_active = Gauge(
+            p + "sessions_active", "Sessions held in this replica's store.", registry=r
+        )
         self.kv_window_usage_ratio = Gauge(
             p + "kv_window_usage_ratio", "Mean fill of the running sequences' attention windows.", registry=r
         )
         self.sleep_queue_depth = Gauge(p + "sleep_queue_depth", "Consolidation jobs waiting.", registry=r)
         self.decode_batch_size = Histogram(
-            p + "decode_batch_size", "Sequences stepped together per engine iteration.",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+            p + "decode_batch_size",
+            "Sequences stepped together per engine iteration.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
         )
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens fed to the model.", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated.", registry=r)
@@ -41,23 +56,37 @@ class Metrics:
             p + "request_success", "Finished requests by reason.", ["finished_reason"], registry=r
         )
         self.sleep_duration = Histogram(
-            p + "sleep_duration_seconds", "Wall time of one consolidation.", ["trigger"], buckets=_LATENCY, registry=r
+            p + "sleep_duration_seconds",
+            "Wall time of one consolidation.",
+            ["trigger"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.sleep_passes = Histogram(
-            p + "sleep_passes", "Passes N used per consolidation.", buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=r
+            p + "sleep_passes",
+            "Passes N used per consolidation.",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16),
+            registry=r,
         )
         self.sleep_tokens = Counter(p + "sleep_tokens", "Tokens consolidated into fast weights.", registry=r)
         self.sleep_deadline_misses = Counter(
             p + "sleep_deadline_misses", "Consolidations that finished after their deadline.", registry=r
         )
         self.decode_stall = Histogram(
-            p + "decode_stall_seconds", "Time a session's decode waited for its own sleep.", buckets=_LATENCY, registry=r
+            p + "decode_stall_seconds",
+            "Time a session's decode waited for its own sleep.",
+            buckets=_LATENCY,
+            registry=r,
         )
         self.session_state_bytes = Histogram(
             p + "session_state_bytes", "Size of stored session blobs.", buckets=_BYTES, registry=r
         )
         self.store_operation = Histogram(
-            p + "store_operation_seconds", "Session store operations.", ["op", "backend"], buckets=_LATENCY, registry=r
+            p + "store_operation_seconds",
+            "Session store operations.",
+            ["op", "backend"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.store_errors = Counter(
             p + "store_errors", "Session store operations that failed.", ["op", "backend"], registry=r

@@ -1,0 +1,455 @@
+"""HTTP routes: the OpenAI-compatible API, the session API, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from model.tokenizer import END_OF_MESSAGE, EOS, N_TOKENS
+from server.context import Server
+from server.engine import SamplingParams
+from server.errors import APIError, bad_request
+from server.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    CreateSessionRequest,
+    DeletedSession,
+    Delta,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    SessionInfo,
+    Usage,
+)
+from server.serving import Turn
+from server.sessions import Checkout, check_session_id, message_hash, new_chat_messages
+from server.stores import StoreError
+
+if TYPE_CHECKING:
+    from server.engine import Output, TurnStats
+
+MAX_IMPORT_BYTES = 256 << 20
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 409, 422, 429, 503)}
+
+
+def get_server(request: Request) -> Server:
+    return request.app.state.server
+
+
+def authenticate(request: Request) -> str | None:
+    """The owner tag (sha256 of the key) of a request, None when the server has no API keys; else 401."""
+    keys = get_server(request).settings.api_keys
+    if not keys:
+        return None
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    matched = False
+    for key in keys:  # compare with every key, in constant time
+        matched |= hmac.compare_digest(token.strip().encode(), key.encode())
+    if scheme.lower() != "bearer" or not matched:
+        raise APIError(
+            401,
+            "invalid or missing API key: send `Authorization: Bearer <key>`",
+            type="authentication_error",
+            code="invalid_api_key",
+        )
+    return hashlib.sha256(token.strip().encode()).hexdigest()
+
+
+ServerDep = Annotated[Server, Depends(get_server)]
+Owner = Annotated[str | None, Depends(authenticate)]
+SessionHeader = Annotated[str | None, Header(alias="X-Session-ID", description="Continue this session.")]
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)], responses=_ERRORS)
+
+
+# -- OpenAI API ------------------------------------------------------------------------------------
+
+
+@v1.get("/models", response_model=ModelList, tags=["openai"])
+async def list_models(server: ServerDep) -> ModelList:
+    c = server.model.config
+    card = ModelCard(
+        id=server.model_name,
+        created=int(server.settings.checkpoint.stat().st_mtime) if server.settings.checkpoint.exists() else 0,
+        max_model_len=server.settings.max_tokens,
+        window=c.window,
+        schedule=c.schedule,
+        sleep_passes=server.passes,
+        fingerprint=server.fingerprint,
+    )
+    return ModelList(data=[card])
+
+
+@v1.post("/completions", response_model=CompletionResponse, tags=["openai"])
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    server: ServerDep,
+    owner: Owner,
+    x_session_id: SessionHeader = None,
+) -> Response:
+    """Text completion. With a session (`session_id` or `X-Session-ID`) the prompt continues its text.
+
+    Past `request_timeout` the answer is 408 (a stream ends with an error event before `[DONE]`); the
+    session keeps every token processed. 409: the session is busy; 429 (Retry-After): queue full."""
+    arrival = time.monotonic()
+    params = _sampling(server, body, body.max_tokens, {EOS})
+    prompt = _completion_prompt(body.prompt)
+    turn = await Turn.start(
+        server.turns,
+        session_id=_session_id(body, x_session_id),
+        owner=owner,
+        build_prompt=lambda _: (prompt, None),
+        params=params,
+        arrival=arrival,
+    )
+    return await _respond(turn, request, body, _CompletionFormat(server, body))
+
+
+@v1.post("/chat/completions", response_model=ChatCompletionResponse, tags=["openai"])
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    server: ServerDep,
+    owner: Owner,
+    x_session_id: SessionHeader = None,
+) -> Response:
+    """Chat completion. With a session, send only the new messages or the whole history: the messages the
+    session already consumed (its replies included) are recognised and skipped."""
+    arrival = time.monotonic()
+    if not body.messages:
+        raise bad_request("messages must not be empty", "messages")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = _sampling(server, body, max_tokens, {EOS, END_OF_MESSAGE})
+
+    def build_prompt(checkout: Checkout | None) -> tuple[list[int], list[str] | None]:
+        start = new_chat_messages(body.messages, checkout.history) if checkout else 0
+        new = body.messages[start:]
+        tokens = server.tokenizer.encode_chat([(m.template_role(), m.text()) for m in new])
+        return tokens, [message_hash(m) for m in new]
+
+    turn = await Turn.start(
+        server.turns,
+        session_id=_session_id(body, x_session_id),
+        owner=owner,
+        build_prompt=build_prompt,
+        params=params,
+        close_token=END_OF_MESSAGE,
+        arrival=arrival,
+    )
+    return await _respond(turn, request, body, _ChatFormat(server, body))
+
+
+def _sampling(
+    server: Server, body: SamplingRequest, max_tokens: int | None, stop_tokens: set[int]
+) -> SamplingParams:
+    if body.model != server.model_name:
+        raise APIError(
+            404,
+            f"The model `{body.model}` does not exist. This server serves `{server.model_name}`.",
+            param="model",
+            code="model_not_found",
+        )
+    if body.n != 1:
+        raise bad_request("only n=1 is supported", "n")
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+    cap = server.settings.max_tokens
+    if max_tokens is not None and max_tokens > cap:
+        raise bad_request(f"max_tokens must be at most {cap}, got {max_tokens}", "max_tokens")
+    return SamplingParams(
+        max_tokens=max_tokens or cap,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=max(body.top_k, 0),
+        seed=body.seed,
+        stop=tuple(body.stop or ()),
+        stop_tokens=frozenset() if body.ignore_eos else frozenset(stop_tokens),
+    )
+
+
+def _completion_prompt(prompt: str | list[str] | list[int]) -> list[int]:
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) != 1:
+            raise bad_request("only one prompt per request is supported", "prompt")
+        prompt = prompt[0]
+    tokens = list(prompt.encode("utf-8")) if isinstance(prompt, str) else list(prompt)
+    if not tokens:
+        raise bad_request("prompt must not be empty", "prompt")
+    if any(not 0 <= t < N_TOKENS for t in tokens):
+        raise bad_request(f"prompt token ids must lie in [0, {N_TOKENS})", "prompt")
+    return tokens
+
+
+def _session_id(body: SamplingRequest, header: str | None) -> str | None:
+    if body.session_id and header and body.session_id.lower() != header.lower():
+        raise bad_request("session_id in the body and the X-Session-ID header differ", "session_id")
+    chosen = body.session_id or header
+    return check_session_id(chosen) if chosen else None
+
+
+# -- responses -------------------------------------------------------------------------------------
+
+
+def _usage(stats: TurnStats) -> Usage:
+    return Usage(
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        total_tokens=stats.prompt_tokens + stats.completion_tokens,
+        consolidated_tokens=stats.consolidated_tokens,
+        sleep_passes=stats.sleep_passes,
+        sleep_seconds=stats.sleep_seconds,
+        session_tokens_total=stats.session_tokens_total,
+    )
+
+
+class _Format:
+    """Response and stream chunks of one route; a subclass per route."""
+
+    prefix = ""
+
+    def __init__(self, server: Server, body: SamplingRequest) -> None:
+        self.id, self.model = f"{self.prefix}-{secrets.token_hex(12)}", server.model_name
+        # As OpenAI: with include_usage every chunk carries "usage" (null until the last one).
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.hidden = set() if self.include_usage else {"usage"}
+
+    def first(self) -> list[dict]:
+        """Chunks sent before any text."""
+        return []
+
+
+class _CompletionFormat(_Format):
+    prefix = "cmpl"
+
+    def chunk(self, text: str, finish_reason: str | None) -> dict:
+        return CompletionResponse(
+            id=self.id, model=self.model, choices=[CompletionChoice(text=text, finish_reason=finish_reason)]
+        ).model_dump(exclude={"session_id", *self.hidden})
+
+    def usage_chunk(self, usage: Usage) -> dict:
+        return CompletionResponse(id=self.id, model=self.model, choices=[], usage=usage).model_dump(
+            exclude={"session_id"}
+        )
+
+    def full(self, text: str, finish_reason: str, usage: Usage, session_id: str | None) -> dict:
+        choice = CompletionChoice(text=text, finish_reason=finish_reason)
+        return CompletionResponse(
+            id=self.id, model=self.model, choices=[choice], usage=usage, session_id=session_id
+        ).model_dump()
+
+
+class _ChatFormat(_Format):
+    prefix = "chatcmpl"
+
+    def _chunk(self, delta: Delta, finish_reason: str | None) -> dict:
+        choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+        return ChatCompletionChunk(id=self.id, model=self.model, choices=[choice]).model_dump(
+            exclude=self.hidden
+        )
+
+    def first(self) -> list[dict]:
+        return [self._chunk(Delta(role="assistant", content=""), None)]
+
+    def chunk(self, text: str, finish_reason: str | None) -> dict:
+        return self._chunk(Delta(content=text) if text else Delta(), finish_reason)
+
+    def usage_chunk(self, usage: Usage) -> dict:
+        return ChatCompletionChunk(id=self.id, model=self.model, choices=[], usage=usage).model_dump()
+
+    def full(self, text: str, finish_reason: str, usage: Usage, session_id: str | None) -> dict:
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
+        response = ChatCompletionResponse(
+            id=self.id, model=self.model, choices=[choice], usage=usage, session_id=session_id
+        )
+        return response.model_dump()
+
+
+def _final_error(turn: Turn, out: Output) -> APIError | None:
+    """The error a finished request reports instead of a normal ending, if any."""
+    if out.finish_reason == "timeout":
+        return APIError(
+            408,
+            "request timed out; the session keeps the tokens processed so far",
+            type="timeout_error",
+            code="timeout",
+        )
+    if out.finish_reason == "error":
+        return APIError(
+            500, "the model failed on this request; the session was left unchanged", type="server_error"
+        )
+    return turn.save_error
+
+
+async def _respond(turn: Turn, request: Request, body: SamplingRequest, fmt: _Format) -> Response:
+    session_id = turn.checkout.id if turn.checkout else None
+    headers = {"X-Session-ID": session_id} if session_id else None
+    if body.stream:
+        return StreamingResponse(_stream(turn, fmt), media_type="text/event-stream", headers=headers)
+    watcher = asyncio.create_task(_abort_on_disconnect(request, turn))
+    try:
+        text = []
+        async for out in turn.outputs():
+            text.append(out.text)
+    finally:
+        watcher.cancel()
+    error = _final_error(turn, out)
+    if error is not None:
+        raise error
+    return JSONResponse(
+        fmt.full("".join(text), out.finish_reason, _usage(out.stats), session_id), headers=headers
+    )
+
+
+async def _stream(turn: Turn, fmt: _Format) -> AsyncIterator[str]:
+    for chunk in fmt.first():
+        yield _sse(chunk)
+    async for out in turn.outputs():
+        if out.finish_reason is None:
+            yield _sse(fmt.chunk(out.text, None))
+            continue
+        error = _final_error(turn, out)
+        yield _sse(error.body() if error else fmt.chunk("", out.finish_reason))
+        if fmt.include_usage:
+            yield _sse(fmt.usage_chunk(_usage(out.stats)))
+    yield "data: [DONE]\n\n"
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _abort_on_disconnect(request: Request, turn: Turn) -> None:
+    """Non-streaming requests: abort when the client goes away before the answer is ready."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
+    turn.abort()
+
+
+# -- sessions --------------------------------------------------------------------------------------
+
+
+async def _info(server: Server, session_id: str, owner: str | None) -> SessionInfo:
+    stored, state, history = await server.sessions.read(session_id, owner)
+    return server.sessions.info(session_id, stored.version, state, history)
+
+
+@v1.post("/sessions", response_model=SessionInfo, tags=["sessions"])
+async def create_session(
+    server: ServerDep, owner: Owner, body: CreateSessionRequest | None = None
+) -> SessionInfo:
+    """Create an empty session (a random id, or a client-chosen one of 32 hex characters)."""
+    session_id = await server.sessions.create(owner, body.session_id if body else None)
+    return await _info(server, session_id, owner)
+
+
+@v1.post(
+    "/sessions/import",
+    response_model=SessionInfo,
+    tags=["sessions"],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def import_session(request: Request, server: ServerDep, owner: Owner) -> SessionInfo:
+    """Store an exported session blob under a new id. A blob of another model is refused (409)."""
+    blob = await request.body()
+    if len(blob) > MAX_IMPORT_BYTES:
+        raise APIError(413, f"session blob larger than {MAX_IMPORT_BYTES} bytes")
+    session_id = await server.sessions.import_blob(blob, owner)
+    return await _info(server, session_id, owner)
+
+
+@v1.get("/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
+async def get_session(session_id: str, server: ServerDep, owner: Owner) -> SessionInfo:
+    """Counters, window fill, schedule, version, state size and fast-weight statistics."""
+    return await _info(server, check_session_id(session_id), owner)
+
+
+@v1.delete("/sessions/{session_id}", response_model=DeletedSession, tags=["sessions"])
+async def delete_session(session_id: str, server: ServerDep, owner: Owner) -> DeletedSession:
+    session_id = check_session_id(session_id)
+    await server.sessions.delete(session_id, owner)
+    return DeletedSession(id=session_id)
+
+
+@v1.post("/sessions/{session_id}/consolidate", response_model=SessionInfo, tags=["sessions"])
+async def consolidate_session(session_id: str, server: ServerDep, owner: Owner) -> SessionInfo:
+    """Sleep on the session's unconsolidated tokens now (409 unless trained with variable chunks)."""
+    session_id = check_session_id(session_id)
+    await server.sessions.consolidate(session_id, owner)
+    return await _info(server, session_id, owner)
+
+
+@v1.post("/sessions/{session_id}/fork", response_model=SessionInfo, tags=["sessions"])
+async def fork_session(session_id: str, server: ServerDep, owner: Owner) -> SessionInfo:
+    """Copy the session to a new id; the two continue independently."""
+    fork_id = await server.sessions.fork(check_session_id(session_id), owner)
+    return await _info(server, fork_id, owner)
+
+
+@v1.get(
+    "/sessions/{session_id}/export",
+    tags=["sessions"],
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "The session blob."}},
+)
+async def export_session(session_id: str, server: ServerDep, owner: Owner) -> Response:
+    """The session's state as its fixed-size safetensors blob."""
+    session_id = check_session_id(session_id)
+    blob = await server.sessions.export(session_id, owner)
+    disposition = f'attachment; filename="session-{session_id}.safetensors"'
+    return Response(blob, media_type="application/octet-stream", headers={"Content-Disposition": disposition})
+
+
+# -- operations ------------------------------------------------------------------------------------
+
+
+@router.get("/health", tags=["operations"])
+async def health() -> dict:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", tags=["operations"], responses={503: {"description": "Not ready."}})
+async def ready(server: ServerDep) -> JSONResponse:
+    """Ready to serve: model loaded, engine running, session store reachable."""
+    engine_ok = server.engine.alive
+    store_ok = await server.store.ping()
+    status = 200 if engine_ok and store_ok else 503
+    body = {"status": "ready" if status == 200 else "unavailable", "engine": engine_ok, "store": store_ok}
+    return JSONResponse(body, status_code=status)
+
+
+@router.get("/metrics", tags=["operations"], response_class=Response)
+async def metrics(server: ServerDep) -> Response:
+    """Prometheus metrics (prefix sleepserve_)."""
+    with contextlib.suppress(StoreError):  # keep the last value; the store's error counter says why
+        server.metrics.sessions_active.set(await server.store.count())
+    return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+router.include_router(v1)

@@ -1,0 +1,140 @@
+"""`sleepserve` console entry: `serve` here; `train`, `eval`, `bench`, `worker` dispatch to their packages."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import math
+import socket
+import sys
+from collections.abc import Callable
+
+import uvicorn
+from pydantic import ValidationError
+
+from server.app import create_app
+from server.context import CheckpointError
+from server.engine import Engine
+from server.settings import Settings
+
+# Subcommands implemented elsewhere: name -> "module:function", imported only when asked for. Each
+# function takes the remaining command-line arguments.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("model.train:main", "train a checkpoint"),
+    "eval": ("model.evaluate:main", "evaluate a checkpoint"),
+    "bench": ("bench.cli:main", "run a benchmark"),
+    "worker": ("scheduler.worker:main", "run a remote consolidation worker"),
+}
+
+# serve flags: (flag, Settings field, type, help). CLI values override SLEEPSERVE_* environment variables.
+SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
+    ("--host", "host", str, "bind address (default 0.0.0.0)"),
+    ("--port", "port", int, "port (default 8000)"),
+    ("--checkpoint", "checkpoint", str, "checkpoint folder (model.safetensors + config.json)"),
+    ("--model-name", "model_name", str, "served model id (default: the checkpoint folder's name)"),
+    ("--device", "device", str, "torch device (default cpu)"),
+    ("--store", "store", str, "session store: memory | redis://host:port/db"),
+    ("--schedule", "schedule", str, "hard | lagged (default: the checkpoint's)"),
+    ("--sleep-passes", "sleep_passes", int, "sleep passes N (default: the checkpoint's)"),
+    ("--min-passes", "min_passes", int, "smallest N"),
+    ("--max-passes", "max_passes", int, "largest N"),
+    ("--max-waiting", "max_waiting", int, "waiting requests before 429"),
+    ("--max-running", "max_running", int, "sequences decoded per batch"),
+    ("--prefill-chunk", "prefill_chunk", int, "prompt tokens fed per engine iteration"),
+    ("--max-tokens", "max_tokens", int, "cap on a request's max_tokens"),
+    ("--request-timeout", "request_timeout", float, "seconds a request may take"),
+    ("--session-ttl", "session_ttl", float, "idle seconds before a session expires"),
+    ("--shutdown-timeout", "shutdown_timeout", float, "seconds running streams get on shutdown"),
+    ("--api-keys", "api_keys", str, "comma-separated API keys (prefer SLEEPSERVE_API_KEYS)"),
+    ("--log-level", "log_level", str, "debug | info | warning | error"),
+]
+
+
+def settings_from_args(argv: list[str]) -> Settings:
+    """Settings from the environment, overridden by the serve flags given."""
+    parser = argparse.ArgumentParser(prog="sleepserve serve", description="Serve the OpenAI-compatible API.")
+    for flag, dest, kind, help_text in SERVE_FLAGS:
+        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+    args = parser.parse_args(argv)
+    return Settings(**{k: v for k, v in vars(args).items() if v is not None})
+
+
+def serve(argv: list[str]) -> int:
+    """Run the server with uvicorn."""
+    try:
+        settings = settings_from_args(argv)
+    except ValidationError as exc:
+        print(f"sleepserve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    try:
+        app = create_app(settings)
+    except (CheckpointError, ValueError) as exc:
+        print(f"sleepserve: {exc}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout) + 10,  # a backstop: see below
+    )
+    GracefulServer(config, app.state.server.engine, settings.shutdown_timeout).run()
+    return 0
+
+
+class GracefulServer(uvicorn.Server):
+    """Drains the engine as soon as uvicorn starts shutting down: running streams get `grace` seconds to
+    finish, then end at a token boundary (finish reason "abort", then `[DONE]`) before uvicorn would
+    cancel them; the lifespan then saves their sessions."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, grace: float) -> None:
+        super().__init__(config)
+        self.engine, self.grace = engine, grace
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain = asyncio.create_task(self.engine.shutdown(self.grace))
+        await super().shutdown(sockets)
+        await drain
+
+
+def _dispatch(name: str, argv: list[str]) -> int:
+    target, _ = COMMANDS[name]
+    module_name, function = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            print(
+                f"sleepserve {name}: not available in this installation ({module_name} is missing)",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+    return getattr(module, function)(argv) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"serve": "serve the OpenAI-compatible API", **{k: v[1] for k, v in COMMANDS.items()}}
+    listing = "\n".join(f"  {name:8} {text}" for name, text in commands.items())
+    usage = f"usage: sleepserve {{{','.join(commands)}}} [options]\n\n{listing}"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name == "serve":
+        return serve(rest)
+    if name in COMMANDS:
+        return _dispatch(name, rest)
+    print(f"sleepserve: unknown command {name!r}\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

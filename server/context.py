@@ -1,0 +1,90 @@
+"""The server's parts, wired together: model, engine, session manager, store and metrics."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from model.checkpoint import fingerprint, load_checkpoint
+from model.hybrid import HybridLM
+from model.tokenizer import ByteTokenizer
+from server.engine import Engine
+from server.metrics import Metrics
+from server.serving import TurnContext
+from server.sessions import SessionManager
+from server.settings import Settings
+from server.stores import SessionStore, open_store
+
+log = logging.getLogger("sleepserve")
+
+
+class CheckpointError(RuntimeError):
+    """The configured checkpoint cannot be loaded."""
+
+
+@dataclass
+class Server:
+    """Everything the routes use, in `app.state.server`."""
+
+    settings: Settings
+    model: HybridLM
+    fingerprint: str
+    passes: int
+    metrics: Metrics
+    store: SessionStore
+    engine: Engine
+    sessions: SessionManager
+    turns: TurnContext
+    tokenizer: ByteTokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name
+
+
+def load_model(settings: Settings) -> HybridLM:
+    """The checkpoint of `settings`, served with the schedule asked for (default: its own)."""
+    try:
+        model = load_checkpoint(settings.checkpoint, settings.device)
+    except FileNotFoundError as exc:
+        raise CheckpointError(
+            f"cannot load checkpoint {settings.checkpoint}: {exc}. Train one (`sleepserve train`) or point "
+            f"SLEEPSERVE_CHECKPOINT / --checkpoint at a folder with model.safetensors and config.json."
+        ) from exc
+    schedule = settings.schedule or model.config.schedule
+    if schedule != model.config.schedule:
+        log.warning(
+            "checkpoint was trained with the %r schedule, serving it with %r", model.config.schedule, schedule
+        )
+        model.config = model.config.replace(schedule=schedule)
+    return model
+
+
+def build_server(settings: Settings, model: HybridLM | None = None) -> Server:
+    model = model if model is not None else load_model(settings)
+    config = model.config
+    passes = min(max(settings.sleep_passes or config.sleep_passes, settings.min_passes), settings.max_passes)
+    metrics = Metrics()
+    store = open_store(
+        settings.store, session_ttl=settings.session_ttl, max_bytes=settings.store_max_bytes, metrics=metrics
+    )
+    engine = Engine(
+        model,
+        passes=passes,
+        metrics=metrics,
+        max_running=settings.max_running,
+        max_waiting=settings.max_waiting,
+        prefill_chunk=settings.prefill_chunk,
+    )
+    digest = fingerprint(model)
+    sessions = SessionManager(
+        store,
+        model,
+        digest,
+        metrics=metrics,
+        passes=passes,
+        lease_ttl=settings.session_lease_ttl,
+        lease_wait=settings.session_lease_wait,
+    )
+    turns = TurnContext(model, engine, sessions, settings.request_timeout, set())
+    return Server(settings, model, digest, passes, metrics, store, engine, sessions, turns, ByteTokenizer())

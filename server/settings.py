@@ -1,0 +1,57 @@
+"""Server settings: environment variables with the `SLEEPSERVE_` prefix, overridable by CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from model.checkpoint import DEFAULT_CHECKPOINT
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLEEPSERVE_", extra="ignore")
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    model_name: str | None = None  # the served model id; default: the checkpoint folder's name
+    device: str = "cpu"
+    store: str = "memory"  # "memory" | "redis://host:port/db"
+    schedule: Literal["hard", "lagged"] | None = None  # None: the checkpoint's own
+    sleep_passes: int | None = Field(None, ge=1)  # None: the checkpoint's default N
+    min_passes: int = Field(1, ge=1)
+    max_passes: int = Field(16, ge=1)
+    max_waiting: int = Field(256, ge=0)  # requests queued for the batch; past it, 429
+    max_running: int = Field(64, ge=1)  # sequences decoded together per step
+    prefill_chunk: int | None = Field(None, ge=1)  # prompt tokens per engine iteration; None: the window
+    max_tokens: int = Field(4096, ge=1)  # cap on max_tokens of one request (and its default)
+    request_timeout: float = Field(600.0, gt=0)  # seconds from arrival to the last token
+    session_ttl: float = Field(7 * 24 * 3600.0, gt=0)  # idle seconds before a stored session expires
+    session_lease_wait: float = Field(5.0, ge=0)  # how long a request waits for a busy session
+    session_lease_ttl: float = Field(15.0, gt=0)  # a request's lease on its session, renewed while it runs
+    store_max_bytes: int = Field(1 << 30, ge=1)  # memory store budget (LRU beyond it)
+    shutdown_timeout: float = Field(30.0, ge=0)  # seconds running streams get to finish on shutdown
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # comma-separated in the env
+    log_level: str = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_passes(self) -> Settings:
+        if self.min_passes > self.max_passes:
+            raise ValueError(f"min_passes ({self.min_passes}) exceeds max_passes ({self.max_passes})")
+        if self.sleep_passes is not None and not self.min_passes <= self.sleep_passes <= self.max_passes:
+            raise ValueError(f"sleep_passes must lie in [min_passes, max_passes], got {self.sleep_passes}")
+        return self
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or Path(self.checkpoint).name

@@ -1,0 +1,49 @@
+"""The `sleepserve` command line: settings precedence, clear failures, subcommand dispatch."""
+
+from __future__ import annotations
+
+import pytest
+
+from server import cli
+from server.cli import main, settings_from_args
+
+
+def test_flags_override_the_environment(monkeypatch):
+    monkeypatch.setenv("SLEEPSERVE_PORT", "9001")
+    monkeypatch.setenv("SLEEPSERVE_STORE", "redis://localhost:6379/0")
+    monkeypatch.setenv("SLEEPSERVE_API_KEYS", "a, b")
+    settings = settings_from_args(["--port", "9002", "--sleep-passes", "3", "--schedule", "hard"])
+    assert settings.port == 9002 and settings.store == "redis://localhost:6379/0"
+    assert settings.sleep_passes == 3 and settings.schedule == "hard" and settings.api_keys == ["a", "b"]
+    assert settings_from_args(["--checkpoint", "/x/my-model"]).served_model_name == "my-model"
+
+
+def test_missing_checkpoint_fails_clearly(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("SLEEPSERVE_CHECKPOINT", str(tmp_path / "absent"))
+    assert main(["serve"]) == 2
+    error = capsys.readouterr().err
+    assert "cannot load checkpoint" in error and "absent" in error and "Traceback" not in error
+
+
+def test_invalid_settings_and_commands(capsys):
+    assert main(["serve", "--min-passes", "5", "--max-passes", "2"]) == 2
+    assert "min_passes" in capsys.readouterr().err
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "worker" in capsys.readouterr().out
+
+
+def test_missing_subcommand_module_is_reported(monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "worker", ("no_such_pkg.worker:main", "x"))
+    assert main(["worker"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["train", "eval"])
+def test_subcommands_dispatch(monkeypatch, name):
+    calls = []
+    monkeypatch.setitem(cli.COMMANDS, name, ("json:dumps", "x"))  # any importable callable
+    monkeypatch.setattr("json.dumps", lambda argv: calls.append(argv) or 0)
+    assert main([name, "--flag"]) == 0
+    assert calls == [["--flag"]]

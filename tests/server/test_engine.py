@@ -1,0 +1,216 @@
+"""The engine against the single-session reference (`model.session`): batching, no cross-talk, sessions
+across window boundaries in both schedules, stop handling, aborts, queue bound and timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from model.session import generate, new_state
+from model.tokenizer import EOS, ByteTokenizer
+from server.engine import Engine, EngineRequest, Output, QueueFull, SamplingParams
+from server.metrics import Metrics
+
+TOKENIZER = ByteTokenizer()
+
+
+@pytest.fixture
+async def make_engine():
+    engines: list[Engine] = []
+
+    def make(model, start: bool = True, **kwargs) -> Engine:
+        engine = Engine(model, passes=model.config.sleep_passes, metrics=Metrics(), **kwargs)
+        engines.append(engine)
+        if start:
+            engine.start()
+        return engine
+
+    yield make
+    for engine in engines:
+        await engine.shutdown(grace=0)
+
+
+async def collect(handle) -> tuple[str, Output]:
+    parts = []
+    async for out in handle:
+        parts.append(out.text)
+    return "".join(parts), out
+
+
+def reference(model, prompt: str, max_tokens: int, state=None) -> str:
+    out, _ = generate(
+        model, state or new_state(model), TOKENIZER.encode(prompt), max_tokens, stop=lambda o: o[-1] == EOS
+    )
+    return TOKENIZER.decode(out)
+
+
+def greedy(max_tokens: int, **kwargs) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kwargs)
+
+
+async def test_sixteen_streams_share_a_batch_without_cross_talk(make_engine):
+    model = tiny_model()
+    engine = make_engine(model, start=False, prefill_chunk=1024)  # every prompt in the first iteration
+    prompts = [f"stream {i}: {'x' * (i % 5)}" for i in range(18)]
+    handles = [
+        engine.submit(
+            EngineRequest(new_state(model), TOKENIZER.encode(p), greedy(24, stop_tokens=frozenset()))
+        )
+        for p in prompts
+    ]
+    engine.start()
+    results = await asyncio.gather(*(collect(h) for h in handles))
+    assert engine.max_batch >= 16
+    buckets = {
+        s.labels["le"]: s.value
+        for s in engine.metrics.decode_batch_size.collect()[0].samples
+        if s.name.endswith("_bucket")
+    }
+    assert buckets["32.0"] - buckets["16.0"] > 0  # the metric saw steps of more than 16 sequences
+    for prompt, (text, final) in zip(prompts, results, strict=True):
+        out, _ = generate(model, new_state(model), TOKENIZER.encode(prompt), 24)
+        assert text == TOKENIZER.decode(out), prompt
+        assert final.finish_reason == "length" and final.stats.completion_tokens == 24
+
+
+@pytest.mark.parametrize("schedule", ["hard", "lagged"])
+async def test_session_matches_reference_across_windows(make_engine, schedule):
+    model = tiny_model(schedule)
+    engine = make_engine(model)
+    state, ref = new_state(model), new_state(model)
+    consolidated = 0
+    for turn in range(4):  # 4 × (9 + 13) tokens: many boundaries of window 8, prompts cross them
+        prompt = TOKENIZER.encode(f"turn {turn}:")
+        handle = engine.submit(
+            EngineRequest(state, prompt, greedy(13, stop_tokens=frozenset()), stateful=True)
+        )
+        text, final = await collect(handle)
+        out, _ = generate(model, ref, prompt, 13)
+        assert text == TOKENIZER.decode(out)
+        assert state.tail == ref.tail and state.prev_len == ref.prev_len
+        assert state.tokens_seen == ref.tokens_seen == final.stats.session_tokens_total
+        assert state.chunks_consolidated == ref.chunks_consolidated
+        for mine, theirs in zip(state.memory, ref.memory, strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+        consolidated += final.stats.consolidated_tokens
+        assert final.stats.prompt_tokens == len(prompt) and final.stats.completion_tokens == 13
+    assert consolidated == state.consolidated_tokens > 0
+    assert state.chunks_consolidated >= 8
+    assert engine.metrics.sleep_tokens._value.get() == consolidated
+
+
+async def test_prefill_is_sliced_so_running_streams_keep_decoding(make_engine):
+    model = tiny_model()
+    engine = make_engine(model, start=False, prefill_chunk=4)
+    params = greedy(80, stop_tokens=frozenset())
+    short = engine.submit(EngineRequest(new_state(model), TOKENIZER.encode("hi"), params))
+    engine.start()
+    first = await anext(aiter(short))  # the short one decodes
+    long_prompt = "a long prompt " * 10  # 140 tokens: 35 slices of 4
+    long = engine.submit(EngineRequest(new_state(model), TOKENIZER.encode(long_prompt), greedy(5)))
+    events: list[str] = []
+
+    async def drain(name, handle):
+        parts = []
+        async for out in handle:
+            events.append(name)
+            parts.append(out.text)
+        return "".join(parts)
+
+    short_text, long_text = await asyncio.gather(drain("short", short), drain("long", long))
+    assert first.text + short_text == reference(model, "hi", 80)
+    assert long_text == reference(model, long_prompt, 5)
+    assert events.index("long") >= 20  # the short stream kept streaming while the long prompt was fed
+
+
+async def test_stop_strings_cut_the_text(make_engine):
+    model = tiny_model()
+    engine = make_engine(model)
+    full = reference(model, "Hello", 30)
+    stop = full[10:13]
+    text, final = await collect(
+        engine.submit(EngineRequest(new_state(model), TOKENIZER.encode("Hello"), greedy(30, stop=(stop,))))
+    )
+    assert final.finish_reason == "stop"
+    assert text == full[: full.index(stop)]
+
+
+async def test_abort_keeps_processed_tokens(make_engine):
+    model = tiny_model()
+    engine = make_engine(model)
+    state = new_state(model)
+    handle = engine.submit(EngineRequest(state, TOKENIZER.encode("abc"), greedy(10_000), stateful=True))
+    async for out in handle:
+        if out.text:
+            handle.abort()
+            break
+    final = await handle.result
+    assert final.finish_reason == "abort"
+    assert state.tokens_seen == 3 + final.stats.completion_tokens - 1  # the last sampled token was not fed
+    assert len(state.tail) <= model.config.window_capacity
+
+
+async def test_queue_bound_and_timeout(make_engine):
+    model = tiny_model()
+    engine = make_engine(model, start=False, max_waiting=2)
+    prompt = TOKENIZER.encode("x")
+    engine.submit(EngineRequest(new_state(model), prompt, greedy(1)))
+    late = engine.submit(
+        EngineRequest(new_state(model), prompt, greedy(1000, stop_tokens=frozenset()), timeout=0.3)
+    )
+    with pytest.raises(QueueFull):
+        engine.submit(EngineRequest(new_state(model), prompt, greedy(1)))
+    engine.start()
+    _, final = await collect(late)
+    assert final.finish_reason == "timeout"
+    assert 0 < final.stats.completion_tokens < 1000
+
+
+async def test_a_model_failure_fails_the_request_not_the_engine(make_engine, monkeypatch):
+    model = tiny_model()
+    engine = make_engine(model)
+    state = new_state(model)
+    extend = model.extend
+    monkeypatch.setattr(model, "extend", lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
+    _, final = await collect(
+        engine.submit(EngineRequest(state, TOKENIZER.encode("abc"), greedy(5), stateful=True))
+    )
+    assert final.finish_reason == "error" and state.tokens_seen == 0
+    monkeypatch.setattr(model, "extend", extend)
+    text, final = await collect(
+        engine.submit(EngineRequest(new_state(model), TOKENIZER.encode("abc"), greedy(5)))
+    )
+    assert final.finish_reason in ("stop", "length") and text == reference(model, "abc", 5)
+
+
+@pytest.mark.parametrize("schedule", ["hard", "lagged"])
+async def test_sessions_joining_and_leaving_the_batch(make_engine, schedule):
+    """Sequences of different lengths join while others decode and leave at different steps; each one's
+    text and state equal the single-session reference."""
+    model = tiny_model(schedule)
+    engine = make_engine(model, prefill_chunk=6)
+    jobs = [(f"session {i}", 5 + 7 * i) for i in range(6)]
+    states = [new_state(model) for _ in jobs]
+
+    async def run(index: int) -> str:
+        await asyncio.sleep(0.02 * index)  # staggered arrivals
+        prompt, n = jobs[index]
+        params = greedy(n, stop_tokens=frozenset())
+        text, _ = await collect(
+            engine.submit(EngineRequest(states[index], TOKENIZER.encode(prompt), params, stateful=True))
+        )
+        return text
+
+    texts = await asyncio.gather(*(run(i) for i in range(len(jobs))))
+    for (prompt, n), text, state in zip(jobs, texts, states, strict=True):
+        ref = new_state(model)
+        out, _ = generate(model, ref, TOKENIZER.encode(prompt), n)
+        assert (
+            text == TOKENIZER.decode(out) and state.tail == ref.tail and state.tokens_seen == ref.tokens_seen
+        )
+        for mine, theirs in zip(state.memory, ref.memory, strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    assert engine.max_batch >= 2

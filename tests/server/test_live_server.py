@@ -1,0 +1,232 @@
+"""A real server process (`python -m server`) driven by the official `openai` client, with the memory
+store and with Redis; sessions that outlive a restart and a `kill -9`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "tiny"
+
+
+class ServerProcess:
+    def __init__(self, checkpoint: Path, store: str, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        args = ["--port", str(self.port), "--host", "127.0.0.1", "--checkpoint", str(checkpoint)]
+        env = {
+            **os.environ,
+            "SLEEPSERVE_STORE": store,
+            "SLEEPSERVE_MODEL_NAME": MODEL,
+            "SLEEPSERVE_SHUTDOWN_TIMEOUT": "0.5",
+            "OMP_NUM_THREADS": "1",
+        }
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "server", *args],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, f"server exited:\n{log.read_text()}"
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"server did not come up:\n{log.read_text()}"
+            time.sleep(0.2)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+    def new_session(self) -> str:
+        return httpx.post(self.url + "/v1/sessions").json()["id"]
+
+    def session(self, session_id: str) -> dict:
+        return httpx.get(f"{self.url}/v1/sessions/{session_id}").json()
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator:
+    servers: list[ServerProcess] = []
+
+    def start(checkpoint: Path, store: str) -> ServerProcess:
+        server = ServerProcess(checkpoint, store, tmp_path / f"server-{len(servers)}.log")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(kill=True)
+
+
+def streamed_text(stream, chat: bool) -> tuple[str, list]:
+    chunks = list(stream)
+    pieces = [(c.choices[0].delta.content if chat else c.choices[0].text) or "" for c in chunks if c.choices]
+    return "".join(pieces), chunks
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_openai_client(launch, tiny_checkpoint, redis_server, store):
+    server = launch(tiny_checkpoint(), redis_server if store == "redis" else "memory")
+    client = server.client
+    log = server.log.read_text()
+    assert "fingerprint" in log and "schedule lagged" in log and f"store {store}" in log
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+    plain = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=24, temperature=0)
+    text = plain.choices[0].text
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="Once upon",
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    streamed, chunks = streamed_text(stream, chat=False)
+    assert streamed == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert (
+        chunks[-1].usage.model_extra["session_tokens_total"]
+        == plain.usage.model_extra["session_tokens_total"]
+    )
+
+    if len(text) > 6:
+        stop = text[3:5]
+        cut = client.completions.create(
+            model=MODEL, prompt="Once upon", max_tokens=24, temperature=0, stop=[stop]
+        )
+        assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+    sampled = [
+        client.completions.create(model=MODEL, prompt="Once upon", max_tokens=24, temperature=0.8, seed=7)
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]
+
+    messages = [{"role": "user", "content": "hello there"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    chat_stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True
+    )
+    assert streamed_text(chat_stream, chat=True)[0] == reply.choices[0].message.content
+
+    session = server.new_session()
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=16, temperature=0, extra_body={"session_id": session}
+    )
+    assert first.choices[0].message.content == reply.choices[0].message.content  # a new session = stateless
+    history = [*messages, {"role": "assistant", "content": first.choices[0].message.content}]
+    history.append({"role": "user", "content": "and again"})
+    second = client.chat.completions.create(
+        model=MODEL, messages=history, max_tokens=16, temperature=0, extra_headers={"X-Session-ID": session}
+    )
+    assert second.usage.model_extra["session_tokens_total"] == server.session(session)["tokens_seen"]
+    assert second.usage.prompt_tokens == len("and again") + 3  # <|user|> … <|end|> <|assistant|>
+
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=-5)
+
+
+def open_stream(server: ServerProcess, session: str) -> httpx.Response:
+    """A long streaming completion on the session, with usage at the end."""
+    body = {
+        "model": MODEL,
+        "prompt": "tell me everything",
+        "max_tokens": 4000,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "session_id": session,
+    }
+    request = httpx.Request("POST", server.url + "/v1/completions", json=body)
+    return httpx.Client(timeout=30).send(request, stream=True)
+
+
+def test_session_survives_disconnect_shutdown_restart_and_kill(launch, tiny_checkpoint, redis_server):
+    checkpoint = tiny_checkpoint()
+    server = launch(checkpoint, redis_server)
+    session = server.new_session()
+
+    def turn(server: ServerProcess, prompt: str) -> dict:
+        reply = server.client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"session_id": session}
+        )
+        return reply.usage.model_extra
+
+    total = turn(server, "first turn of a long talk")["session_tokens_total"]
+
+    # A client that goes away mid-stream: the session keeps what was processed and is free again.
+    stream = open_stream(server, session)
+    lines = stream.iter_lines()
+    for _ in range(20):
+        next(lines)
+    stream.close()
+    time.sleep(0.5)
+    kept = server.session(session)["tokens_seen"]
+    assert kept > total + len("tell me everything")
+    total = turn(server, "after the disconnect")["session_tokens_total"]
+    assert total > kept
+
+    # The same without streaming: the client gives up waiting, the server aborts and saves.
+    version = server.session(session)["version"]
+    body = {"model": MODEL, "prompt": "go", "max_tokens": 4000, "ignore_eos": True, "session_id": session}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 5
+    while server.session(session)["version"] == version and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert total < server.session(session)["tokens_seen"] < total + 2 + 4000
+    total = turn(server, "after the timeout")["session_tokens_total"]
+
+    # SIGTERM while a stream runs: the stream ends at a token boundary, the session is saved.
+    stream = open_stream(server, session)
+    lines = stream.iter_lines()
+    for _ in range(20):
+        next(lines)
+    server.process.send_signal(signal.SIGTERM)
+    events = [line for line in lines if line.startswith("data: ")]
+    stream.close()
+    assert events[-1] == "data: [DONE]"
+    usage = json.loads(events[-2][len("data: ") :])["usage"]
+    assert json.loads(events[-3][len("data: ") :])["choices"][0]["finish_reason"] == "abort"
+    server.process.wait(timeout=30)
+
+    server = launch(checkpoint, redis_server)
+    before = server.session(session)
+    assert before["tokens_seen"] == usage["session_tokens_total"] > total
+    assert before["chunks_consolidated"] >= 4
+    server.stop(kill=True)  # kill -9 between requests
+    server = launch(checkpoint, redis_server)
+    after = server.session(session)
+    assert {k: after[k] for k in ("tokens_seen", "chunks_consolidated", "version")} == {
+        k: before[k] for k in ("tokens_seen", "chunks_consolidated", "version")
+    }
+    assert turn(server, "third turn")["session_tokens_total"] > before["tokens_seen"]
