@@ -49,6 +49,15 @@ class WindowCache:
                 )
         return WindowCache(layers, torch.cat([c.lengths for c in caches]))
 
+    def write_row(self, row: int, window: WindowCache) -> None:
+        """Overwrite one row of this batch with a single-session window, in place."""
+        for mine, theirs in zip(self.layers, window.layers, strict=True):
+            if isinstance(mine, KVCache):
+                mine.keys[row], mine.values[row] = theirs.keys[0], theirs.values[0]
+            else:
+                mine.fast[row], mine.conv[row] = theirs.fast[0], theirs.conv[0]
+        self.lengths[row] = window.lengths[0]
+
     def select(self, rows: list[int] | Tensor) -> WindowCache:
         """The sub-batch of the given rows (copies)."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)

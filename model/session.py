@@ -82,12 +82,18 @@ def boundary_chunk(model: HybridLM, state: SessionState) -> int:
 
 
 def cross_boundary(
-    model: HybridLM, state: SessionState, passes: int
+    model: HybridLM, state: SessionState, passes: int, cache: WindowCache | None = None
 ) -> tuple[WindowCache | None, SleepReport | None]:
     """Handle a full chunk: sleep what the schedule says and return the rebuilt window (None when
-    the window is unchanged, as at lagged's first chunk)."""
+    the window is unchanged, as at lagged's first chunk). `cache` is the session's full window."""
     n_tokens = boundary_chunk(model, state)
-    report = sleep_on(model, state, n_tokens, passes) if n_tokens else None
+    if n_tokens and passes == 1 and cache is not None and model.config.schedule == "hard":
+        # N = 1 is the plain hybrid: the wake pass over the chunk (from the memory, attention within
+        # the chunk) is the whole sleep, so its fast weights are the new memory. Nothing to compute.
+        apply_sleep(state, [fast[0] for fast in cache.fast_weights()], n_tokens, 1, 0.0)
+        report = SleepReport(n_tokens, 1, 0.0)
+    else:
+        report = sleep_on(model, state, n_tokens, passes) if n_tokens else None
     if model.config.schedule == "lagged":
         state.prev_len = len(state.tail)  # the completed chunk stays visible until its own sleep
     if report is None:
@@ -133,7 +139,7 @@ def feed(
         state.tokens_seen += len(piece)
         start += len(piece)
         if room_in_chunk(model, state) == 0:
-            rebuilt, report = cross_boundary(model, state, passes)
+            rebuilt, report = cross_boundary(model, state, passes, cache)
             if report is not None:
                 cache = rebuilt
                 reports.append(report)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -69,6 +69,7 @@ class SleepResult:
     finished: float  # clock time
     deadline_missed: bool
     batch_size: int
+    after: Any = None  # what job.after returned
 
 
 class SleepExecutor:
@@ -221,6 +222,10 @@ class SleepExecutor:
                 chunk = torch.tensor([job.chunk for job in jobs], dtype=torch.long, device=device)
                 out = self.model.sleep(memory, chunk, passes)
                 per_job = [[m[b].clone() for m in out] for b in range(len(jobs))]
+                after = [
+                    job.after(memory) if job.after else None
+                    for job, memory in zip(jobs, per_job, strict=True)
+                ]
                 if stream is not None:
                     stream.synchronize()
                     for tensors in per_job:  # consumed on the default stream: free only after its use
@@ -237,7 +242,7 @@ class SleepExecutor:
             self.policy.observe(jobs[0].tokens, passes, seconds)
             if any(missed):
                 self.policy.record_miss()
-        for (job, future), memory_out, late in zip(items, per_job, missed, strict=True):
+        for (job, future), memory_out, late, extra in zip(items, per_job, missed, after, strict=True):
             if self.metrics is not None:
                 self.metrics.sleep_duration.labels(trigger=job.trigger).observe(seconds)
                 self.metrics.sleep_passes.observe(passes)
@@ -246,6 +251,15 @@ class SleepExecutor:
                     self.metrics.sleep_deadline_misses.inc()
             future.set_result(
                 SleepResult(
-                    job.id, job.session, memory_out, job.tokens, passes, seconds, finished, late, len(jobs)
+                    job.id,
+                    job.session,
+                    memory_out,
+                    job.tokens,
+                    passes,
+                    seconds,
+                    finished,
+                    late,
+                    len(jobs),
+                    extra,
                 )
             )

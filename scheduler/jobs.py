@@ -6,8 +6,9 @@ import heapq
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -21,7 +22,9 @@ class ConsolidationJob:
     """Sleep on `chunk` starting from `memory` (one [H, K, V] tensor per gdn layer, not modified).
 
     `passes` is N; None lets the executor's depth policy choose it at submission. `deadline` is a
-    `time.monotonic()` instant: when the session needs the result.
+    `time.monotonic()` instant: when the session needs the result. `after`, if given, runs on the
+    worker right after the sleep with the new memory; its return value is the result's `after`
+    (the engine uses it to build a lagged session's next window off the decode thread).
     """
 
     session: str
@@ -30,6 +33,7 @@ class ConsolidationJob:
     passes: int | None
     deadline: float
     trigger: Trigger = "window_full"
+    after: Callable[[list[Tensor]], Any] | None = None
     id: int = field(default_factory=lambda: next(_ids))
     enqueued: float = field(default_factory=time.monotonic)
 

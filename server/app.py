@@ -34,10 +34,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         c.variable_chunks,
     )
     log.info(
-        "serving %r: schedule %s, sleep passes %d, store %s, max_running %d, max_waiting %d",
+        "serving %r: schedule %s, sleep %s with N %s, store %s, max_running %d, max_waiting %d",
         server.model_name,
         c.schedule,
-        server.passes,
+        server.settings.sleep_mode,
+        server.engine.passes or f"adaptive in [{server.settings.min_passes}, {server.settings.max_passes}]",
         server.store.backend,
         server.settings.max_running,
         server.settings.max_waiting,

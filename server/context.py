@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from model.checkpoint import fingerprint, load_checkpoint
 from model.hybrid import HybridLM
 from model.tokenizer import ByteTokenizer
+from scheduler.executor import SleepExecutor
+from scheduler.policy import DepthPolicy
 from server.engine import Engine
 from server.metrics import Metrics
 from server.serving import TurnContext
@@ -63,14 +65,21 @@ def load_model(settings: Settings) -> HybridLM:
 def build_server(settings: Settings, model: HybridLM | None = None) -> Server:
     model = model if model is not None else load_model(settings)
     config = model.config
-    passes = min(max(settings.sleep_passes or config.sleep_passes, settings.min_passes), settings.max_passes)
+    fixed = settings.sleep_passes if isinstance(settings.sleep_passes, int) else config.sleep_passes
+    passes = min(max(fixed, settings.min_passes), settings.max_passes)
     metrics = Metrics()
+    executor = None
+    if settings.sleep_mode == "background":
+        policy = DepthPolicy(settings.min_passes, settings.max_passes)
+        executor = SleepExecutor(model, policy=policy, metrics=metrics)
+        executor.calibrate(config.window)
     store = open_store(
         settings.store, session_ttl=settings.session_ttl, max_bytes=settings.store_max_bytes, metrics=metrics
     )
     engine = Engine(
         model,
-        passes=passes,
+        passes=None if settings.sleep_passes == "auto" else passes,  # None: adaptive
+        executor=executor,
         metrics=metrics,
         max_running=settings.max_running,
         max_waiting=settings.max_waiting,

@@ -10,9 +10,19 @@ Each iteration (`Engine.step`) does, in order:
    and is only cut and re-stacked when sequences join or leave).
 
 A sequence's `SessionState` is updated in place token by token, exactly as `model.session.feed` does,
-so an aborted request leaves its session as of its last fully processed token. When a window fills the
-sequence sleeps synchronously in `Engine._consolidate` (the one place a scheduler will take over).
-Outputs reach each request's asyncio queue through `loop.call_soon_threadsafe`.
+so an aborted request leaves its session as of its last fully processed token. Outputs reach each
+request's asyncio queue through `loop.call_soon_threadsafe`.
+
+Window boundaries (`Engine._consolidate`). With no executor the sequence sleeps right there, on the
+decode thread (`model.session.cross_boundary`). With a `SleepExecutor` the sleep runs on its worker
+thread and the decode loop never waits for another session's sleep:
+- `hard`: the sequence leaves the batch until its own sleep is done (a decode stall for it alone).
+- `lagged`: the sleep on chunk j−1 starts when chunk j−1 completes and is due when chunk j completes.
+  When it finishes, the worker also builds the window that follows that boundary — chunk j run from
+  the new memory, the "re-prefill", caught up with the tokens decoded so far — and the engine keeps it
+  in step as a shadow row of the batch. At the boundary the shadow row becomes the sequence's row: the
+  same window the synchronous path would rebuild, without a pause. A late sleep blocks the sequence
+  (a counted deadline miss and a decode stall), never the others.
 
 Finish reasons: `stop` (EOS, a stop token or a stop string), `length` (max_tokens), `abort` (client
 gone or server shutdown), `timeout` (request_timeout passed), `error` (the model raised; the session
@@ -22,6 +32,7 @@ must not be saved).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -35,11 +46,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from model.attention import KVCache
 from model.hybrid import HybridLM, WindowCache
-from model.session import cross_boundary, open_window, room_in_chunk
+from model.session import apply_sleep, cross_boundary, open_window, room_in_chunk
 from model.state import SessionState
 from model.tokenizer import EOS, StreamDecoder
+from scheduler.executor import SleepExecutor, SleepResult
+from scheduler.jobs import ConsolidationJob
+from scheduler.policy import DecodeRate, sleep_deadline
 from server.metrics import Metrics
 
 log = logging.getLogger("sleepserve.engine")
@@ -139,6 +152,14 @@ class Sequence:
     generator: torch.Generator | None = None
     decoder: StreamDecoder = field(default_factory=StreamDecoder)
     last_token_at: float = 0.0
+    # Background sleep (with an executor): the pending consolidation of the tail's first chunk; its
+    # result once it is in (lagged: with `shadow`, the window after the next boundary, kept in step);
+    # and since when the sequence has been waiting at a boundary for it.
+    sleep: concurrent.futures.Future[SleepResult] | None = None
+    slept: SleepResult | None = None
+    shadow: WindowCache | None = None
+    blocked_since: float | None = None
+    rate: DecodeRate = field(default_factory=lambda: DecodeRate(initial=50.0))
 
     @property
     def state(self) -> SessionState:
@@ -169,25 +190,34 @@ def _stop_overlap(text: str, stops: tuple[str, ...]) -> int:
     )
 
 
+Row = tuple[Sequence, bool]  # a row of the decode batch: (sequence, is its shadow window)
+
+
 class Engine:
     def __init__(
         self,
         model: HybridLM,
         *,
-        passes: int,
+        passes: int | None,
         metrics: Metrics,
         max_running: int = 64,
         max_waiting: int = 256,
         prefill_chunk: int | None = None,
+        executor: SleepExecutor | None = None,
     ) -> None:
+        """`passes`: N of every sleep; None lets the executor's depth policy choose it per job.
+        `executor`: where sleeps run; None: inline, on the decode thread."""
+        if passes is None and (executor is None or executor.policy is None):
+            raise ValueError("adaptive depth (passes=None) needs an executor with a depth policy")
         self.model, self.passes, self.metrics = model, passes, metrics
+        self.executor = executor
         self.max_running, self.max_waiting = max_running, max_waiting
         self.prefill_chunk = prefill_chunk or model.config.window
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._rows: list[Row] = []  # the decode batch, row by row
+        self._cache: WindowCache | None = None  # the batch's stacked windows
         self.max_batch = 0  # largest decode batch so far
-        self._rows: list[Sequence] = []  # the decode batch, in the row order of `_cache`
-        self._cache: WindowCache | None = None
         self._aborted: set[Sequence] = set()
         self._wake = threading.Condition()
         self._accepting = True
@@ -263,25 +293,33 @@ class Engine:
                 except Exception:
                     log.exception("engine step failed; failing the running requests")
                     for seq in list(self.running):
+                        seq.blocked_since = None  # its session is not saved: nothing to settle
                         self._finish(seq, "error")
                     self._rows, self._cache = [], None
             for seq in [*self.running, *self.waiting]:
+                self._settle(seq)
                 self._finish(seq, "abort")
+        if self.executor is not None:
+            self.executor.shutdown(cancel_pending=True)
 
     def step(self) -> None:
-        """One iteration: aborts and timeouts, admission, one prefill slice, one batched decode step."""
+        """One iteration: aborts and timeouts, admission, finished sleeps, one prefill slice, one batched
+        decode step."""
         now = time.monotonic()
         with self._wake:
             aborted, self._aborted = self._aborted, set()
         for seq in [*self.waiting, *self.running]:
-            if seq in aborted:
-                self._finish(seq, "abort")
-            elif now > seq.deadline:
-                self._finish(seq, "timeout")
+            if seq in aborted or now > seq.deadline:
+                self._settle(seq)
+                self._finish(seq, "abort" if seq in aborted else "timeout")
         self._admit()
-        self._prefill()
-        self._decode()
+        self._collect_sleeps()
+        fed = self._prefill()
+        fed += self._decode()
         self._update_gauges()
+        blocked = [s.sleep for s in self.running if s.blocked_since is not None and s.sleep is not None]
+        if not fed and blocked:  # everyone waits for a sleep: wait with them instead of spinning
+            concurrent.futures.wait(blocked, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_running:
@@ -289,81 +327,241 @@ class Engine:
                 seq = self.waiting.popleft()
             self.running.append(seq)  # first: should the window fail to open, the request fails visibly
             seq.cache, seq.logits = open_window(self.model, seq.state)
+            if self.executor is not None and seq.state.prev_len:
+                self._start_sleep(seq)  # a resumed lagged session: its previous chunk is not slept yet
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> int:
+        """Feed up to `prefill_chunk` prompt tokens; returns how many."""
         budget = self.prefill_chunk
-        for seq in [s for s in self.running if s.to_feed]:
-            while budget and seq.to_feed:
+        for seq in [s for s in self.running if s.to_feed and s.blocked_since is None]:
+            while budget and seq.to_feed and seq.blocked_since is None:
                 n = min(budget, room_in_chunk(self.model, seq.state), len(seq.to_feed))
                 piece, seq.to_feed = seq.to_feed[:n], seq.to_feed[n:]
-                logits, seq.cache = self.model.extend(
-                    torch.tensor([piece], device=self.model.device), seq.cache
-                )
-                self._advance(seq, piece, logits[0, -1])
+                tokens = torch.tensor([piece], device=self.model.device)
+                logits, seq.cache = self.model.extend(tokens, seq.cache)
+                if seq.shadow is not None:  # the next window follows every token
+                    _, seq.shadow = self.model.extend(tokens, seq.shadow)
                 seq.stats.prompt_tokens += n
                 self.metrics.prompt_tokens.inc(n)
                 budget -= n
-            if not seq.to_feed:
+                if self._advance(seq, piece, logits[0, -1]):
+                    self._consolidate(seq)
+            if not seq.to_feed and seq.blocked_since is None:
                 self._sample(seq)
             if not budget:
-                return
+                break
+        return self.prefill_chunk - budget
 
-    def _decode(self) -> None:
-        self._regroup([s for s in self.running if s.pending and not s.to_feed])
+    def _decode(self) -> int:
+        """One token for every decoding sequence (and its shadow window), as one batch; returns the
+        number of sequences stepped."""
+        members = [s for s in self.running if s.pending and not s.to_feed and s.blocked_since is None]
+        self._regroup([(s, False) for s in members] + [(s, True) for s in members if s.slept is not None])
         if not self._rows:
-            return
-        batch = list(self._rows)
-        tokens = torch.tensor([[s.pending[0]] for s in batch], device=self.model.device)
+            return 0
+        rows = list(self._rows)
+        tokens = torch.tensor([[seq.pending[0]] for seq, _ in rows], device=self.model.device)
         logits, self._cache = self.model.extend(tokens, self._cache)
-        self.max_batch = max(self.max_batch, len(batch))
-        self.metrics.decode_batch_size.observe(len(batch))
-        for row, seq in enumerate(batch):
-            self._advance(seq, [seq.pending.pop(0)], logits[row, -1])
+        self.max_batch = max(self.max_batch, len(members))
+        self.metrics.decode_batch_size.observe(len(members))
+        at_boundary = []
+        for row, (seq, is_shadow) in enumerate(rows):
+            if is_shadow:
+                continue
+            if self._advance(seq, [seq.pending.pop(0)], logits[row, -1]):
+                at_boundary.append(seq)
             if seq.finish_reason is None:
                 self._sample(seq)
-            elif not seq.pending:
+        for seq in at_boundary:  # after the loop: a boundary may reorder the batch's rows
+            self._consolidate(seq)
+        for seq in members:
+            if seq.finish_reason is not None and not seq.pending and seq.blocked_since is None:
                 self._finish(seq, seq.finish_reason)
+        return len(members)
 
-    def _regroup(self, members: list[Sequence]) -> None:
+    def _regroup(self, members: list[Row]) -> None:
         """Make the decode batch hold exactly `members`. The batch's stacked cache persists from step to
-        step; only when sequences join or leave is it cut (`select`) and extended (`stack`). While in the
-        batch a sequence's own `cache` is None: its window is its row of `self._cache`."""
+        step; only when rows join or leave is it cut (`select`) and extended (`stack`). While in the
+        batch a sequence's own `cache` (or `shadow`) is None: its window is its row of `self._cache`."""
         if set(members) == set(self._rows):
             return
-        keep = [row for row, seq in enumerate(self._rows) if seq in members]
-        joining = [seq for seq in members if seq.cache is not None]
-        parts = ([self._cache.select(keep)] if keep else []) + [seq.cache for seq in joining]
+        for row, (seq, is_shadow) in enumerate(self._rows):
+            if (seq, is_shadow) not in members and seq in self.running:  # leaves, but lives on
+                self._set_window(seq, is_shadow, self._cache.select([row]))
+        keep = [row for row, key in enumerate(self._rows) if key in members]
+        joining = [key for key in members if key not in self._rows]
+        parts = [self._cache.select(keep)] if keep else []
+        for seq, is_shadow in joining:
+            parts.append(seq.shadow if is_shadow else seq.cache)
+            self._set_window(seq, is_shadow, None)
         self._rows = [self._rows[row] for row in keep] + joining
         self._cache = (WindowCache.stack(parts) if len(parts) > 1 else parts[0]) if parts else None
-        for seq in joining:
-            seq.cache = None
 
-    def _advance(self, seq: Sequence, tokens: list[int], logits: Tensor) -> None:
-        """Account for tokens the model has just processed, as `model.session.feed` does."""
+    @staticmethod
+    def _set_window(seq: Sequence, is_shadow: bool, window: WindowCache | None) -> None:
+        if is_shadow:
+            seq.shadow = window
+        else:
+            seq.cache = window
+
+    def _window(self, seq: Sequence) -> WindowCache:
+        """The sequence's current window (a copy of its row when it is in the batch)."""
+        if seq.cache is not None:
+            return seq.cache
+        assert self._cache is not None
+        return self._cache.select([self._rows.index((seq, False))])
+
+    def _install(self, seq: Sequence, window: WindowCache) -> None:
+        """Make `window` the sequence's current window."""
+        if seq.cache is not None:
+            seq.cache = window
+        else:
+            self._cache.write_row(self._rows.index((seq, False)), window)
+
+    def _advance(self, seq: Sequence, tokens: list[int], logits: Tensor) -> bool:
+        """Account for tokens the model has just processed, as `model.session.feed` does. Returns
+        whether the sequence's chunk is now full (the caller then calls `_consolidate`)."""
         seq.logits = logits
         seq.state.tail += tokens
         seq.state.tokens_seen += len(tokens)
-        if room_in_chunk(self.model, seq.state) == 0:
-            self._consolidate(seq)
+        return room_in_chunk(self.model, seq.state) == 0
+
+    # -- window boundaries ----------------------------------------------------------------------------
 
     def _consolidate(self, seq: Sequence) -> None:
-        """The window of `seq` is full: sleep now, synchronously, and rebuild its window."""
+        """The current chunk of `seq` is full."""
+        if self.executor is None:
+            self._consolidate_inline(seq)
+            return
+        state = seq.state
+        if self.model.config.schedule == "lagged" and not state.prev_len:
+            state.prev_len = len(state.tail)  # the first chunk stays visible; its sleep starts now
+            self._start_sleep(seq)
+            return
+        if self.model.config.schedule == "hard":
+            if self.passes == 1:  # N = 1: the wake pass was the sleep, nothing to wait for
+                self._consolidate_inline(seq)
+                return
+            self._start_sleep(seq)
+        if seq.slept is not None:
+            self._cross(seq)
+        else:  # the sleep is not done: this sequence (alone) waits for it
+            seq.blocked_since = time.monotonic()
+
+    def _consolidate_inline(self, seq: Sequence) -> None:
+        """Sleep now, on the decode thread, and rebuild the window."""
         start = time.perf_counter()
-        rebuilt, report = cross_boundary(self.model, seq.state, self.passes)
+        rebuilt, report = cross_boundary(self.model, seq.state, self.passes, self._window(seq))
         if report is None:  # lagged's first chunk: it stays in the window, nothing to sleep on yet
             return
-        if seq.cache is None:  # a member of the decode batch: replace its row
-            _write_row(self._cache, self._rows.index(seq), rebuilt)
-        else:
-            seq.cache = rebuilt
-        seq.stats.consolidated_tokens += report.tokens
-        seq.stats.sleep_passes += report.passes
-        seq.stats.sleep_seconds += report.seconds
+        self._install(seq, rebuilt)
+        self._count_sleep(seq, report.tokens, report.passes, report.seconds)
         self.metrics.sleep_duration.labels(trigger="window_full").observe(report.seconds)
         self.metrics.sleep_passes.observe(report.passes)
         self.metrics.sleep_tokens.inc(report.tokens)
         if seq.generated:
             self.metrics.decode_stall.observe(time.perf_counter() - start)
+
+    def _start_sleep(self, seq: Sequence) -> None:
+        """Submit the sleep on the tail's first chunk: the previous chunk (lagged, due at the next
+        boundary) or the full current one (hard, due now)."""
+        assert self.executor is not None
+        state, model = seq.state, self.model
+        lagged = model.config.schedule == "lagged"
+        n_tokens = state.prev_len if lagged else len(state.tail)
+        deadline = sleep_deadline(
+            model.config.schedule, time.monotonic(), room_in_chunk(model, state), seq.rate.rate
+        )
+
+        def next_window(memory: list[Tensor]) -> tuple[WindowCache, int]:
+            """On the worker: the current chunk run from the new memory, with the tokens so far."""
+            window, fed = model.open_window([m[None] for m in memory]), 0
+            while len(current := state.tail[n_tokens:]) > fed:  # catch up with the decode loop
+                _, window = model.extend(torch.tensor([current[fed:]], device=model.device), window)
+                fed = len(current)
+            return window, fed
+
+        job = ConsolidationJob(
+            seq.id,
+            state.tail[:n_tokens],
+            list(state.memory),
+            self.passes,
+            deadline,
+            after=next_window if lagged else None,
+        )
+        seq.sleep = self.executor.submit(job)
+
+    def _collect_sleeps(self) -> None:
+        """Take in finished sleeps, and let the sequences that wait for theirs at a boundary go on."""
+        for seq in list(self.running):
+            if seq.sleep is None or not seq.sleep.done():
+                continue
+            self._take_sleep(seq)
+            if seq.blocked_since is None:
+                continue
+            self._unblock(seq)
+            if seq.finish_reason is not None and not seq.pending:
+                self._finish(seq, seq.finish_reason)
+            elif not seq.to_feed and not seq.pending:  # its prompt ended at the boundary
+                self._sample(seq)
+
+    def _take_sleep(self, seq: Sequence) -> None:
+        """Receive the sleep's result (waiting for it if need be). A lagged sequence's next window
+        comes with it: caught up here with the tokens decoded since, it joins the batch as a shadow row."""
+        assert seq.sleep is not None
+        result, seq.sleep = seq.sleep.result(), None
+        seq.slept = result
+        if result.after is not None:
+            window, fed = result.after
+            missing = seq.state.tail[seq.state.prev_len + fed :]
+            if missing:
+                _, window = self.model.extend(torch.tensor([missing], device=self.model.device), window)
+            seq.shadow = window
+
+    def _unblock(self, seq: Sequence) -> None:
+        assert seq.blocked_since is not None
+        if seq.generated:
+            self.metrics.decode_stall.observe(time.monotonic() - seq.blocked_since)
+        seq.blocked_since = None
+        self._cross(seq)
+
+    def _cross(self, seq: Sequence) -> None:
+        """Cross the boundary with the finished sleep: swap in the new memory and its window."""
+        result, seq.slept = seq.slept, None
+        assert result is not None
+        state = seq.state
+        n_tokens = state.prev_len if self.model.config.schedule == "lagged" else len(state.tail)
+        apply_sleep(state, result.memory, n_tokens, result.passes, result.seconds)
+        self._count_sleep(seq, n_tokens, result.passes, result.seconds)
+        if self.model.config.schedule == "hard":
+            self._install(seq, open_window(self.model, state)[0])
+            return
+        state.prev_len = len(state.tail)
+        if (seq, True) in self._rows:  # the shadow row becomes the sequence's row
+            live = self._rows.index((seq, False))
+            keep = [row for row in range(len(self._rows)) if row != live]
+            self._cache = self._cache.select(keep)
+            self._rows = [
+                (s, False) if s is seq else (s, shadow) for s, shadow in (self._rows[r] for r in keep)
+            ]
+        else:
+            self._install(seq, seq.shadow)
+        seq.shadow = None
+        self._start_sleep(seq)  # the chunk that just completed
+
+    def _settle(self, seq: Sequence) -> None:
+        """Before a sequence ends: if it waits at a boundary, cross it (the session must be stored with
+        a full chunk consolidated), waiting for the sleep if need be."""
+        if seq.blocked_since is None:
+            return
+        if seq.sleep is not None:
+            self._take_sleep(seq)
+        self._unblock(seq)
+
+    def _count_sleep(self, seq: Sequence, tokens: int, passes: int, seconds: float) -> None:
+        seq.stats.consolidated_tokens += tokens
+        seq.stats.sleep_passes += passes
+        seq.stats.sleep_seconds += seconds
 
     def _sample(self, seq: Sequence) -> None:
         """Sample the next token after `seq.logits`, emit its text, and decide whether the request ends."""
@@ -372,6 +570,7 @@ class Engine:
         now = time.monotonic()
         if seq.generated:
             self.metrics.inter_token_latency.observe(now - seq.last_token_at)
+            seq.rate.observe(1, now - seq.last_token_at)
         else:
             self.metrics.time_to_first_token.observe(now - seq.request.arrival)
         seq.last_token_at = now
@@ -415,6 +614,11 @@ class Engine:
             seq.sent = end
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.sleep is not None:  # the stored state does not need it: the next request sleeps anew
+            assert self.executor is not None
+            self.executor.cancel_session(seq.id)
+            seq.sleep = None
+        seq.slept = seq.shadow = None
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -440,16 +644,6 @@ class Engine:
         capacity = self.model.config.window_capacity
         fills = [len(s.state.tail) / capacity for s in self.running]
         self.metrics.kv_window_usage_ratio.set(sum(fills) / len(fills) if fills else 0.0)
-
-
-def _write_row(batch: WindowCache, row: int, window: WindowCache) -> None:
-    """Overwrite one row of a batch of windows with a single-session window, in place."""
-    for mine, theirs in zip(batch.layers, window.layers, strict=True):
-        if isinstance(mine, KVCache):
-            mine.keys[row], mine.values[row] = theirs.keys[0], theirs.values[0]
-        else:
-            mine.fast[row], mine.conv[row] = theirs.fast[0], theirs.conv[0]
-    batch.lengths[row] = window.lengths[0]
 
 
 def _set_result(future: asyncio.Future, value: Output) -> None:

@@ -289,7 +289,7 @@ class SessionManager:
             await self.release(checkout)
             raise
         for report in reports:
-            self.metrics.sleep_duration.labels(trigger="request").observe(report.seconds)
+            self.metrics.sleep_duration.labels(trigger="explicit").observe(report.seconds)
             self.metrics.sleep_passes.observe(report.passes)
             self.metrics.sleep_tokens.inc(report.tokens)
         await self.commit(checkout)

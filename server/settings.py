@@ -21,9 +21,14 @@ class Settings(BaseSettings):
     device: str = "cpu"
     store: str = "memory"  # "memory" | "redis://host:port/db"
     schedule: Literal["hard", "lagged"] | None = None  # None: the checkpoint's own
-    sleep_passes: int | None = Field(None, ge=1)  # None: the checkpoint's default N
+    # Sleep: "background" runs it on the scheduler's worker thread, off the decode path; "inline" on
+    # the decode thread. N: sleep_passes if set (None: the checkpoint's own N, so that temperature 0 is
+    # deterministic); "auto" chooses it per sleep in [min_passes, max_passes] from the slack to its
+    # deadline (background only): deep when idle, shallow under load.
+    sleep_mode: Literal["background", "inline"] = "background"
+    sleep_passes: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     min_passes: int = Field(1, ge=1)
-    max_passes: int = Field(16, ge=1)
+    max_passes: int = Field(4, ge=1)
     max_waiting: int = Field(256, ge=0)  # requests queued for the batch; past it, 429
     max_running: int = Field(64, ge=1)  # sequences decoded together per step
     prefill_chunk: int | None = Field(None, ge=1)  # prompt tokens per engine iteration; None: the window
@@ -48,7 +53,9 @@ class Settings(BaseSettings):
     def _check_passes(self) -> Settings:
         if self.min_passes > self.max_passes:
             raise ValueError(f"min_passes ({self.min_passes}) exceeds max_passes ({self.max_passes})")
-        if self.sleep_passes is not None and not self.min_passes <= self.sleep_passes <= self.max_passes:
+        if self.sleep_passes == "auto" and self.sleep_mode != "background":
+            raise ValueError("sleep_passes=auto (adaptive depth) needs sleep_mode=background")
+        if isinstance(self.sleep_passes, int) and not self.min_passes <= self.sleep_passes <= self.max_passes:
             raise ValueError(f"sleep_passes must lie in [min_passes, max_passes], got {self.sleep_passes}")
         return self
 

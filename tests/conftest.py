@@ -13,93 +13,11 @@ Redis: tests run against a REAL `redis-server` binary (`make test` installs it; 
 
 from __future__ import annotations
 
-import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
-
-REDIS_MISSING = (
-    "redis-server is not on PATH: the Redis tests need a real server. Run `make test` (it installs "
-    "redis-server) or install it yourself: `apt-get update && apt-get install -y redis-server`."
-)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A `redis-server` child process on 127.0.0.1, persisting (AOF only) into `directory`."""
-
-    def __init__(self, directory: Path, port: int | None = None, appendonly: bool = False) -> None:
-        self.directory = directory
-        self.port = port or free_port()
-        self.appendonly = appendonly
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Start the server and wait until it answers PING."""
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail(REDIS_MISSING, pytrace=False)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        log = self.directory / "redis.log"
-        args = [
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-            str(self.directory),
-        ]
-        args += (
-            ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
-        )
-        with log.open("ab") as out:  # the child keeps its own descriptor
-            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                if self.process.poll() is not None:
-                    pytest.fail(f"redis-server exited at start:\n{log.read_text()}", pytrace=False)
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    if time.monotonic() > deadline:
-                        self.stop(kill=True)
-                        pytest.fail(
-                            f"redis-server did not answer PING in {timeout} s:\n{log.read_text()}",
-                            pytrace=False,
-                        )
-                    time.sleep(0.02)
-        finally:
-            client.close()
-
-    def stop(self, kill: bool = False) -> None:
-        """Stop the server: SIGKILL (`kill -9`) when `kill`, else SIGTERM (a clean shutdown)."""
-        if self.process is None:
-            return
-        self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        self.process.wait(timeout=10)
-        self.process = None
+from support import RedisServer, tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -126,38 +44,6 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     yield start
     for server in servers:
         server.stop(kill=True)
-
-
-# -- tiny checkpoints (server tests) --------------------------------------------------------------
-
-
-def tiny_model(schedule: str = "lagged", variable_chunks: bool = False, seed: int = 0):
-    """A random 2-layer model (d_model 32, window 8) whose logits are peaked enough that greedy decoding
-    does not hinge on float rounding (its head is scaled up)."""
-    import torch
-
-    from model.config import ModelConfig
-    from model.hybrid import HybridLM
-
-    torch.manual_seed(seed)
-    config = ModelConfig(
-        d_model=32,
-        layers=["attn", "gdn"],
-        n_heads=2,
-        head_dim=16,
-        gdn_heads=2,
-        gdn_key_dim=16,
-        gdn_value_dim=16,
-        window=8,
-        gdn_chunk_size=8,
-        sleep_passes=2,
-        schedule=schedule,
-        variable_chunks=variable_chunks,
-    )
-    model = HybridLM(config).eval()
-    with torch.no_grad():
-        model.head.weight.mul_(200.0)
-    return model
 
 
 @pytest.fixture(scope="session")

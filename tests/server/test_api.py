@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 
 import httpx
 import pytest
-from conftest import free_port
+from support import free_port
 
 from model.tokenizer import ByteTokenizer
 from server.app import create_app
@@ -307,7 +307,7 @@ async def test_consolidate(serve, tiny_checkpoint):
     after = (await client.post(f"/v1/sessions/{session}/consolidate")).json()
     assert before["tail_tokens"] > 0 and after["tail_tokens"] == 0
     assert after["consolidated_tokens"] == before["consolidated_tokens"] + before["tail_tokens"]
-    assert 'sleep_duration_seconds_count{trigger="request"}' in (await client.get("/metrics")).text
+    assert 'sleep_duration_seconds_count{trigger="explicit"}' in (await client.get("/metrics")).text
 
 
 async def test_store_down_keeps_stateless_requests_working(serve):

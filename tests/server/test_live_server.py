@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import free_port
+from support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
