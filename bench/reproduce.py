@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=PRESETS["reproduce"].steps)
     parser.add_argument("--eval-per-t", type=int, default=500)
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        help="run only these (e.g. hard-n1 lagged-n4 control), to split the work over processes",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "reproduction.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -159,11 +164,14 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps(report, indent=2))
         plot(report, args.out.with_suffix(".png"))
 
+    def wanted(name: str) -> bool:
+        return args.only is None or name in args.only
+
     for seed in args.seeds:
         for schedule, passes in PLAN:
-            if run_name(schedule, passes, seed, False) not in done:
+            if run_name(schedule, passes, seed, False) not in done and wanted(f"{schedule}-n{passes}"):
                 record(run_one(base, schedule, passes, seed, args.steps, False, args.eval_per_t))
-        if run_name("hard", 1, seed, True) not in done:
+        if run_name("hard", 1, seed, True) not in done and wanted("control"):
             seconds = {
                 r["passes"]: r["train_seconds"]
                 for r in report["runs"]

@@ -178,7 +178,7 @@ def _sampling(
     if max_tokens is not None and max_tokens > cap:
         raise bad_request(f"max_tokens must be at most {cap}, got {max_tokens}", "max_tokens")
     return SamplingParams(
-        max_tokens=max_tokens or cap,
+        max_tokens=cap if max_tokens is None else max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=max(body.top_k, 0),

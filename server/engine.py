@@ -347,7 +347,7 @@ class Engine:
                 if self._advance(seq, piece, logits[0, -1]):
                     self._consolidate(seq)
             if not seq.to_feed and seq.blocked_since is None:
-                self._sample(seq)
+                self._prompt_fed(seq)
             if not budget:
                 break
         return self.prefill_chunk - budget
@@ -503,7 +503,7 @@ class Engine:
             if seq.finish_reason is not None and not seq.pending:
                 self._finish(seq, seq.finish_reason)
             elif not seq.to_feed and not seq.pending:  # its prompt ended at the boundary
-                self._sample(seq)
+                self._prompt_fed(seq)
 
     def _take_sleep(self, seq: Sequence) -> None:
         """Receive the sleep's result (waiting for it if need be). A lagged sequence's next window
@@ -562,6 +562,13 @@ class Engine:
         seq.stats.consolidated_tokens += tokens
         seq.stats.sleep_passes += passes
         seq.stats.sleep_seconds += seconds
+
+    def _prompt_fed(self, seq: Sequence) -> None:
+        """The whole prompt is in: start replying (max_tokens 0: the request only fed its prompt)."""
+        if seq.request.params.max_tokens == 0:
+            self._finish(seq, "length")
+        else:
+            self._sample(seq)
 
     def _sample(self, seq: Sequence) -> None:
         """Sample the next token after `seq.logits`, emit its text, and decide whether the request ends."""

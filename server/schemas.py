@@ -30,7 +30,10 @@ class SamplingRequest(_Request):
 
     model: str
     max_tokens: int | None = Field(
-        None, ge=1, description="Tokens to generate at most (capped by the server)."
+        None,
+        ge=0,
+        description="Tokens to generate at most (capped by the server). 0 only feeds the prompt: with a "
+        "session, that adds it to the conversation without a reply (extension).",
     )
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

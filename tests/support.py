@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 import redis
 
@@ -120,3 +124,57 @@ def tiny_model(schedule: str = "lagged", variable_chunks: bool = False, seed: in
     with torch.no_grad():
         model.head.weight.mul_(200.0)
     return model
+
+
+# -- a real server process -------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ServerProcess:
+    """`python -m server` on a free port, ready once /health answers; `args` are extra serve flags."""
+
+    def __init__(
+        self, checkpoint: Path, store: str, log: Path, model_name: str = "tiny", args: tuple[str, ...] = ()
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        flags = ["--port", str(self.port), "--host", "127.0.0.1", "--checkpoint", str(checkpoint), *args]
+        env = {
+            **os.environ,
+            "SLEEPSERVE_STORE": store,
+            "SLEEPSERVE_MODEL_NAME": model_name,
+            "SLEEPSERVE_SHUTDOWN_TIMEOUT": "0.5",
+            "OMP_NUM_THREADS": "1",
+        }
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "server", *flags],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, f"server exited:\n{log.read_text()}"
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"server did not come up:\n{log.read_text()}"
+            time.sleep(0.2)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+    def new_session(self) -> str:
+        return httpx.post(self.url + "/v1/sessions").json()["id"]
+
+    def session(self, session_id: str) -> dict:
+        return httpx.get(f"{self.url}/v1/sessions/{session_id}").json()

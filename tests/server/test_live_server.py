@@ -4,10 +4,7 @@ store and with Redis; sessions that outlive a restart and a `kill -9`."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,55 +12,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from support import free_port
+from support import ServerProcess
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
-
-
-class ServerProcess:
-    def __init__(self, checkpoint: Path, store: str, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        args = ["--port", str(self.port), "--host", "127.0.0.1", "--checkpoint", str(checkpoint)]
-        env = {
-            **os.environ,
-            "SLEEPSERVE_STORE": store,
-            "SLEEPSERVE_MODEL_NAME": MODEL,
-            "SLEEPSERVE_SHUTDOWN_TIMEOUT": "0.5",
-            "OMP_NUM_THREADS": "1",
-        }
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "server", *args],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, f"server exited:\n{log.read_text()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"server did not come up:\n{log.read_text()}"
-            time.sleep(0.2)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
-
-    def stop(self, kill: bool = False) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            self.process.wait(timeout=30)
-
-    def new_session(self) -> str:
-        return httpx.post(self.url + "/v1/sessions").json()["id"]
-
-    def session(self, session_id: str) -> dict:
-        return httpx.get(f"{self.url}/v1/sessions/{session_id}").json()
 
 
 @pytest.fixture

@@ -1,0 +1,154 @@
+"""Does sleep cost latency? 8 concurrent streams, each generating across at least 6 window boundaries,
+against four servers, measured from the client side (the streaming harness of bench/serve.py):
+
+- no-sleep:         `hard`, N = 1: the plain hybrid (the wake pass is the whole sleep), nothing to wait for
+- hard-sync:        `hard`, N passes on the decode thread (everyone waits for every sleep)
+- hard-scheduled:   `hard`, N passes on the scheduler's worker (a session waits for its own sleep only)
+- lagged-scheduled: `lagged`, adaptive N in [1, max] on the worker (nobody waits)
+
+The model is the default ModelConfig with random weights: latency depends on the shapes, not the
+weights. Writes bench/results/sleep_overlap.json and a PNG of inter-token latency over time with each
+stream's window boundaries marked.
+
+    python -m bench.sleep_overlap
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from bench.procs import http_server
+from bench.serve import RequestConfig, run_requests
+from model.config import ModelConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def systems(passes: int, max_passes: int) -> dict[str, list[str]]:
+    """Server flags of each system."""
+    return {
+        "no-sleep": ["--schedule", "hard", "--sleep-passes", "1"],
+        "hard-sync": ["--schedule", "hard", "--sleep-passes", str(passes), "--sleep-mode", "inline"],
+        "hard-scheduled": ["--schedule", "hard", "--sleep-passes", str(passes)],
+        "lagged-scheduled": [
+            "--schedule",
+            "lagged",
+            "--sleep-passes",
+            "auto",
+            "--max-passes",
+            str(max_passes),
+        ],
+    }
+
+
+def scrape(metrics: str, name: str) -> float:
+    """Sum of a metric's samples in Prometheus text (all label sets)."""
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", metrics, flags=re.M))
+
+
+def measure(name: str, flags: list[str], checkpoint: Path, streams: int, tokens: int, log_dir: Path) -> dict:
+    with http_server("server", ["--checkpoint", str(checkpoint), *flags], log_dir / f"{name}.log") as url:
+        config = RequestConfig(
+            base_url=url, num_prompts=streams, max_concurrency=streams, input_len=8, output_len=tokens,
+            ignore_eos=True, label=name, progress=False,
+        )  # fmt: skip
+        result = asyncio.run(run_requests(config))
+        metrics = httpx.get(url + "/metrics").text
+    failures = [r.error for r in result.records if not r.success]
+    if failures:
+        raise RuntimeError(f"{name}: {len(failures)} requests failed: {failures[0]}")
+    sleeps = scrape(metrics, "sleepserve_sleep_passes_count")
+    return {
+        "name": name,
+        "flags": flags,
+        "itl_p50_ms": result.summary["median_itl_ms"],
+        "itl_p99_ms": result.summary["p99_itl_ms"],
+        "itl_max_ms": max(gap * 1e3 for r in result.records for gap in r.itl_s),
+        "deadline_misses": int(scrape(metrics, "sleepserve_sleep_deadline_misses_total")),
+        "mean_passes": scrape(metrics, "sleepserve_sleep_passes_sum") / sleeps if sleeps else 0.0,
+        "sleeps": int(sleeps),
+        "decode_stall_s": scrape(metrics, "sleepserve_decode_stall_seconds_sum"),
+        "output_tokens_per_s": result.summary["output_throughput"],
+        "streams": [
+            {"start_ms": r.start_s * 1e3, "ttft_ms": r.ttft_s * 1e3, "itl_ms": [g * 1e3 for g in r.itl_s]}
+            for r in result.records
+        ],
+    }
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window, prompt = report["window"], report["prompt_tokens"]
+    rows = report["systems"]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 2.2 * len(rows)), sharex=True, sharey=True)
+    for ax, row in zip(axes, rows, strict=True):
+        for stream in row["streams"]:
+            times = [stream["start_ms"] + stream["ttft_ms"]]
+            for gap in stream["itl_ms"]:
+                times.append(times[-1] + gap)
+            ax.plot([t / 1e3 for t in times[1:]], stream["itl_ms"], linewidth=0.6, alpha=0.8)
+            for i, t in enumerate(times):  # token i is the stream's (prompt + i + 1)-th token
+                if (prompt + i + 1) % window == 0:
+                    ax.axvline(t / 1e3, color="grey", linewidth=0.3, alpha=0.5)
+        ax.set_title(
+            f"{row['name']}: p50 {row['itl_p50_ms']:.1f} ms, p99 {row['itl_p99_ms']:.1f} ms", fontsize=9
+        )
+        ax.set_ylabel("ITL (ms)")
+        ax.set_yscale("log")
+    axes[-1].set_xlabel("time (s); grey lines: a stream crossing a window boundary")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--boundaries", type=int, default=8, help="window boundaries each stream crosses")
+    parser.add_argument("--passes", type=int, default=3, help="N of the fixed-depth systems")
+    parser.add_argument("--max-passes", type=int, default=4, help="largest N of the adaptive system")
+    parser.add_argument("--out", type=Path, default=RESULTS / "sleep_overlap.json")
+    args = parser.parse_args(argv)
+
+    from bench.models import save_random
+
+    config = ModelConfig()
+    tokens = (args.boundaries + 1) * config.window
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sleep-overlap-") as folder:
+        checkpoint = save_random(config, Path(folder) / "model")
+        for name, flags in systems(args.passes, args.max_passes).items():
+            row = measure(name, flags, checkpoint, args.streams, tokens, Path(folder) / "logs")
+            rows.append(row)
+            print(
+                f"{name:>17}: ITL p50 {row['itl_p50_ms']:6.2f} ms  p99 {row['itl_p99_ms']:6.2f} ms  "
+                f"max {row['itl_max_ms']:6.1f} ms  misses {row['deadline_misses']}  mean N {row['mean_passes']:.2f}"
+            )
+    report = {"window": config.window, "prompt_tokens": 8, "tokens_per_stream": tokens, "systems": rows}
+    base, product = rows[0], rows[-1]
+    report["floors"] = {
+        "lagged_p99_within_1.25x_of_no_sleep": product["itl_p99_ms"] <= 1.25 * base["itl_p99_ms"],
+        "lagged_zero_deadline_misses": product["deadline_misses"] == 0,
+        "lagged_mean_passes_at_least_3": product["mean_passes"] >= 3,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    plot(report, args.out.with_suffix(".png"))
+    print(json.dumps(report["floors"], indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
