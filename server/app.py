@@ -53,6 +53,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await server.engine.shutdown(server.settings.shutdown_timeout)
         await asyncio.gather(*server.turns.commits, return_exceptions=True)
+        if server.turns.idle is not None:
+            await server.turns.idle.close()
         await server.store.close()
         log.info("engine stopped, sessions saved")
 

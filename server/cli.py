@@ -44,6 +44,8 @@ SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
         str,
         "sleep passes N, or auto: adaptive in [min, max] (default: the checkpoint's N)",
     ),
+    ("--idle-consolidation", "idle_consolidation", float, "consolidate a session idle this many seconds"),
+    ("--idle-worker", "idle_worker", str, "local | remote (sleepserve worker, via the Redis Stream)"),
     ("--min-passes", "min_passes", int, "smallest N"),
     ("--max-passes", "max_passes", int, "largest N"),
     ("--max-waiting", "max_waiting", int, "waiting requests before 429"),

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from redis import asyncio as aioredis
+
 from model.checkpoint import fingerprint, load_checkpoint
 from model.hybrid import HybridLM
 from model.tokenizer import ByteTokenizer
 from scheduler.executor import SleepExecutor
 from scheduler.policy import DepthPolicy
 from server.engine import Engine
+from server.idle import IdleConsolidator
 from server.metrics import Metrics
 from server.serving import TurnContext
 from server.sessions import SessionManager
@@ -95,5 +98,16 @@ def build_server(settings: Settings, model: HybridLM | None = None) -> Server:
         lease_ttl=settings.session_lease_ttl,
         lease_wait=settings.session_lease_wait,
     )
-    turns = TurnContext(model, engine, sessions, settings.request_timeout, set())
+    idle = None
+    if settings.idle_consolidation is not None:
+        if not config.variable_chunks:
+            raise CheckpointError(
+                "idle consolidation needs a checkpoint trained with variable chunk lengths "
+                "(config.variable_chunks); this one consolidates full windows only"
+            )
+        remote = aioredis.from_url(settings.store) if settings.idle_worker == "remote" else None
+        idle = IdleConsolidator(
+            sessions, settings.idle_consolidation, settings.max_passes, remote, settings.sleep_stream
+        )
+    turns = TurnContext(model, engine, sessions, settings.request_timeout, set(), idle)
     return Server(settings, model, digest, passes, metrics, store, engine, sessions, turns, ByteTokenizer())

@@ -25,6 +25,7 @@ from server.engine import (
     SamplingParams,
 )
 from server.errors import APIError
+from server.idle import IdleConsolidator
 from server.sessions import Checkout, SessionManager, reply_hash
 from server.stores import StoreError, StoreUnavailable, VersionConflict
 
@@ -44,6 +45,7 @@ class TurnContext:
     sessions: SessionManager
     request_timeout: float
     commits: set[asyncio.Task]
+    idle: IdleConsolidator | None = None
 
 
 class Turn:
@@ -115,6 +117,8 @@ class Turn:
                 checkout.history.append(reply_hash(final.reply))
         try:
             await self.ctx.sessions.commit(checkout)
+            if self.ctx.idle is not None:
+                self.ctx.idle.touch(checkout.id, checkout.owner, checkout.version)
         except VersionConflict as exc:
             self.save_error = APIError(
                 409, f"session {checkout.id} was changed by another writer: {exc}", code="session_conflict"

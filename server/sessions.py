@@ -273,8 +273,16 @@ class SessionManager:
         await self._create(session_id, state, [], owner)
         return session_id
 
-    async def consolidate(self, session_id: str, owner: str | None) -> None:
-        """Sleep on the whole unconsolidated tail now (checkpoints trained with variable chunks only)."""
+    async def consolidate(
+        self,
+        session_id: str,
+        owner: str | None,
+        trigger: str = "explicit",
+        passes: int | None = None,
+        version: int | None = None,
+    ) -> None:
+        """Sleep on the whole unconsolidated tail now (checkpoints trained with variable chunks only),
+        with `passes` (default: the server's N). With `version`, only a session still at that version."""
         if not self.model.config.variable_chunks:
             raise APIError(
                 409,
@@ -284,19 +292,21 @@ class SessionManager:
             )
         checkout = await self.checkout(session_id, owner)
         try:
-            reports = await asyncio.to_thread(self._consolidate_all, checkout.state)
+            if version is not None and checkout.version != version:
+                raise APIError(409, f"session {session_id} moved on", code="session_conflict")
+            reports = await asyncio.to_thread(self._consolidate_all, checkout.state, passes or self.passes)
         except BaseException:
             await self.release(checkout)
             raise
         for report in reports:
-            self.metrics.sleep_duration.labels(trigger="explicit").observe(report.seconds)
+            self.metrics.sleep_duration.labels(trigger=trigger).observe(report.seconds)
             self.metrics.sleep_passes.observe(report.passes)
             self.metrics.sleep_tokens.inc(report.tokens)
         await self.commit(checkout)
 
-    def _consolidate_all(self, state: SessionState) -> list:
+    def _consolidate_all(self, state: SessionState, passes: int) -> list:
         with torch.inference_mode():
-            return consolidate_all(self.model, state, self.passes)
+            return consolidate_all(self.model, state, passes)
 
     def info(self, session_id: str, version: int, state: SessionState, history: list[str]) -> SessionInfo:
         capacity = self.model.config.window_capacity

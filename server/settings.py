@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     # deadline (background only): deep when idle, shallow under load.
     sleep_mode: Literal["background", "inline"] = "background"
     sleep_passes: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
+    # The idle trigger: consolidate a session's tail after this many idle seconds (None: off; needs a
+    # checkpoint trained with variable chunk lengths), on this replica or ("remote") by `sleepserve
+    # worker` through the Redis Stream `sleep_stream` (Redis store only).
+    idle_consolidation: float | None = Field(None, gt=0)
+    idle_worker: Literal["local", "remote"] = "local"
+    sleep_stream: str = "sleepserve:sleep-jobs"
     min_passes: int = Field(1, ge=1)
     max_passes: int = Field(4, ge=1)
     max_waiting: int = Field(256, ge=0)  # requests queued for the batch; past it, 429
@@ -53,6 +59,8 @@ class Settings(BaseSettings):
     def _check_passes(self) -> Settings:
         if self.min_passes > self.max_passes:
             raise ValueError(f"min_passes ({self.min_passes}) exceeds max_passes ({self.max_passes})")
+        if self.idle_worker == "remote" and not self.store.startswith(("redis://", "rediss://")):
+            raise ValueError("idle_worker=remote needs the Redis store")
         if self.sleep_passes == "auto" and self.sleep_mode != "background":
             raise ValueError("sleep_passes=auto (adaptive depth) needs sleep_mode=background")
         if isinstance(self.sleep_passes, int) and not self.min_passes <= self.sleep_passes <= self.max_passes:
