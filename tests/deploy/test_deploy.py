@@ -17,9 +17,11 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 from kubernetes_validate.utils import SchemaNotFoundError
 
-from server.metrics import Metrics
+from server.app import create_app
+from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER, DEPLOY = ROOT / "docker", ROOT / "deploy"
@@ -65,13 +67,31 @@ def find(docs: list[dict], kind: str, name: str) -> dict:
     return hits[0]
 
 
-def exposed_metric_names() -> set[str]:
-    """Sample names prometheus_client exposes for the server's metrics (a labelled metric has no
-    samples until first used, so derive them from each family's type, as the exposition does)."""
-    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"]}
+@pytest.fixture(scope="module")
+def metrics_text(tiny_checkpoint) -> str:
+    """What a running server's GET /metrics returns (the app started in process, lifespan included)."""
+    app = create_app(Settings(checkpoint=tiny_checkpoint(), store="memory"))
+    with TestClient(app) as client:
+        client.post(
+            "/v1/completions", json={"model": app.state.server.model_name, "prompt": "hi", "max_tokens": 2}
+        )
+        response = client.get("/metrics")
+    assert response.status_code == 200
+    return response.text
+
+
+def metric_families(metrics_text: str) -> dict[str, str]:
+    """{family: type} from the `# TYPE` lines of the exposition (without prometheus_client's *_created
+    gauges). A labelled metric has no samples until first used, but always has its TYPE line."""
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", metrics_text, flags=re.M))
+    return {name: kind for name, kind in types.items() if not name.endswith("_created")}
+
+
+def exposed_metric_names(metrics_text: str) -> set[str]:
+    """Sample names the server exposes (a counter's family name already ends in _total)."""
     names = set()
-    for family in Metrics().registry.collect():
-        names |= {family.name + s for s in suffixes.get(family.type, [""])}
+    for family, kind in metric_families(metrics_text).items():
+        names |= {family + s for s in (["_bucket", "_sum", "_count"] if kind == "histogram" else [""])}
     return names
 
 
@@ -317,8 +337,8 @@ def queried_metric_files() -> list[Path]:
     return [DASHBOARD, RULES, *KUSTOMIZE.rglob("*.yaml"), DOCKER / "prometheus.yml"]
 
 
-def test_queried_metrics_exist() -> None:
-    exposed = exposed_metric_names()
+def test_queried_metrics_exist(metrics_text: str) -> None:
+    exposed = exposed_metric_names(metrics_text)
     missing = {}
     for path in queried_metric_files():
         for name in re.findall(r"\bsleepserve_[a-z0-9_]*[a-z0-9]", path.read_text()):
@@ -327,10 +347,10 @@ def test_queried_metrics_exist() -> None:
     assert not missing, f"metrics queried but not exposed by server.metrics: {missing}"
 
 
-def test_dashboard_covers_every_metric() -> None:
+def test_dashboard_covers_every_metric(metrics_text: str) -> None:
     text = DASHBOARD.read_text()
-    families = {f.name for f in Metrics().registry.collect()}
-    assert not {f for f in families if f not in text}, "metrics missing from the dashboard"
+    missing = {family for family in metric_families(metrics_text) if family not in text}
+    assert not missing, f"metrics missing from the dashboard: {missing}"
 
 
 def test_alerts_cover_the_failure_modes() -> None:
