@@ -4,6 +4,8 @@ its session before it exits."""
 
 from __future__ import annotations
 
+import signal
+
 import httpx
 from support import ServerProcess
 
@@ -55,7 +57,7 @@ def test_sigterm_saves_the_running_session(tiny_checkpoint, redis_server, tmp_pa
         first.stop()  # SIGTERM while the stream runs
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
-    assert first.process.returncode == 0
+    assert first.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
     assert "sessions saved" in first.log.read_text()
     second = ServerProcess(checkpoint, redis_server, tmp_path / "second.log")
     try:
