@@ -17,7 +17,7 @@ LAYER_KINDS: tuple[str, ...] = ("attn", "gdn")
 class ModelConfig:
     vocab_size: int = 272  # 256 bytes + special tokens (see tokenizer.py), rounded up to a multiple of 16
     d_model: int = 64
-    layers: list[str] = field(default_factory=lambda: ["attn", "gdn", "attn", "gdn"])
+    layers: list[str] = field(default_factory=lambda: ["attn", "gdn"])
     n_heads: int = 4  # attention heads
     head_dim: int = 16  # attention head size
     gdn_heads: int = 2
@@ -27,9 +27,9 @@ class ModelConfig:
     mlp_ratio: int = 4
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
-    window: int = 32  # L: tokens per chunk; attention sees 1 (hard) or 2 (lagged) chunks
+    window: int = 24  # L: tokens per chunk; attention sees 1 (hard) or 2 (lagged) chunks
     schedule: Schedule = "lagged"
-    sleep_passes: int = 3  # default N
+    sleep_passes: int = 2  # default N
     gdn_chunk_size: int = 32  # block size of the chunk-parallel gated delta rule
     # The lagged construction this model was trained with (design.md): the previous chunk is run once
     # more from M_{j-2} at each boundary, so its keys and values are exactly pass 1 of its sleep.
