@@ -443,6 +443,8 @@ class Engine:
                 self._consolidate_inline(seq)
                 return
             self._start_sleep(seq)
+        if seq.sleep is not None and seq.sleep.done():
+            self._take_sleep(seq)
         if seq.slept is not None:
             self._cross(seq)
         else:  # the sleep is not done: this sequence (alone) waits for it
