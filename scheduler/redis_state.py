@@ -18,7 +18,8 @@ import redis
 
 RECORD_MAGIC = b"SSR1"
 
-# Same as server/stores.py _CAS_PUT. KEYS[1] session hash. ARGV: expected version ('' to create), blob,
+# The session record's Lua scripts, used by this worker and by the server's RedisStore alike.
+# KEYS[1] session hash. ARGV: expected version ('' to create), blob,
 # owner, has owner ('1'/'0'), TTL ms. Returns the new version (> 0); 0 when an update finds no session;
 # -v when the stored version v differs.
 CAS_PUT = """
@@ -36,13 +37,14 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return version
 """
 
-# Same as server/stores.py _ACQUIRE_LEASE and _RELEASE_LEASE.
+# KEYS[1] lease key. ARGV: holder, TTL ms. Takes a free lease or renews the holder's own; 1 when held.
 ACQUIRE_LEASE = """
 local current = redis.call('GET', KEYS[1])
 if current and current ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
+# KEYS[1] lease key. ARGV: holder. Deletes the lease only when the holder has it.
 RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0

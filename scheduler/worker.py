@@ -27,42 +27,30 @@ from dataclasses import dataclass
 
 import redis
 import torch
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from model.checkpoint import DEFAULT_CHECKPOINT, fingerprint, load_checkpoint
 from model.hybrid import HybridLM
 from model.session import consolidate_all
 from model.state import SessionState, SessionStateError
+from scheduler.metrics import ConsolidationMetrics
 from scheduler.redis_state import RedisSessions, VersionConflict, split_record
 from scheduler.remote import DEFAULT_GROUP, DEFAULT_STREAM, RemoteJob, parse_job
 
 log = logging.getLogger("sleepserve.worker")
 
-_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
-
-class WorkerMetrics:
-    """The worker's Prometheus metrics (same names as the server's sleep metrics, plus job outcomes)."""
+class WorkerMetrics(ConsolidationMetrics):
+    """The worker's Prometheus metrics: the server's consolidation metrics, plus job outcomes."""
 
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        p = "sleepserve_"
-        self.sleep_duration = Histogram(
-            p + "sleep_duration_seconds",
-            "Wall time of one consolidation.",
-            ["trigger"],
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.sleep_passes = Histogram(
-            p + "sleep_passes",
-            "Passes N used per consolidation.",
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16),
-            registry=r,
-        )
-        self.sleep_tokens = Counter(p + "sleep_tokens", "Tokens consolidated into fast weights.", registry=r)
+        self.registry = CollectorRegistry()
+        super().__init__(self.registry)
         self.jobs = Counter(
-            p + "worker_jobs", "Remote consolidation jobs by outcome.", ["outcome"], registry=r
+            "sleepserve_worker_jobs",
+            "Remote consolidation jobs by outcome.",
+            ["outcome"],
+            registry=self.registry,
         )
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-# Latency buckets from 1 ms to 60 s; token-gap buckets finer at the low end.
-_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+from scheduler.metrics import LATENCY_BUCKETS, ConsolidationMetrics
+
+# Token-gap buckets finer at the low end than the latency ones.
 _GAP = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5)
 _BYTES = tuple(2**p for p in range(10, 31, 2))  # 1 KiB … 1 GiB
 
@@ -18,7 +19,7 @@ class Metrics:
         self.time_to_first_token = Histogram(
             p + "time_to_first_token_seconds",
             "Time from request arrival to its first token.",
-            buckets=_LATENCY,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.inter_token_latency = Histogram(
@@ -30,7 +31,7 @@ class Metrics:
         self.e2e_request_latency = Histogram(
             p + "e2e_request_latency_seconds",
             "Request arrival to its last token.",
-            buckets=_LATENCY,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.requests_running = Gauge(p + "requests_running", "Requests in the decode batch.", registry=r)
@@ -55,27 +56,17 @@ class Metrics:
         self.request_success = Counter(
             p + "request_success", "Finished requests by reason.", ["finished_reason"], registry=r
         )
-        self.sleep_duration = Histogram(
-            p + "sleep_duration_seconds",
-            "Wall time of one consolidation.",
-            ["trigger"],
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.sleep_passes = Histogram(
-            p + "sleep_passes",
-            "Passes N used per consolidation.",
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16),
-            registry=r,
-        )
-        self.sleep_tokens = Counter(p + "sleep_tokens", "Tokens consolidated into fast weights.", registry=r)
+        consolidation = ConsolidationMetrics(r, p)  # the same definitions `sleepserve worker` exports
+        self.sleep_duration = consolidation.sleep_duration
+        self.sleep_passes = consolidation.sleep_passes
+        self.sleep_tokens = consolidation.sleep_tokens
         self.sleep_deadline_misses = Counter(
             p + "sleep_deadline_misses", "Consolidations that finished after their deadline.", registry=r
         )
         self.decode_stall = Histogram(
             p + "decode_stall_seconds",
             "Time a session's decode waited for its own sleep.",
-            buckets=_LATENCY,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.session_state_bytes = Histogram(
@@ -85,7 +76,7 @@ class Metrics:
             p + "store_operation_seconds",
             "Session store operations.",
             ["op", "backend"],
-            buckets=_LATENCY,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.store_errors = Counter(

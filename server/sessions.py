@@ -25,6 +25,7 @@ from model.hybrid import HybridLM
 from model.session import consolidate_all, new_state
 from model.state import SessionState, SessionStateError
 from model.tokenizer import ByteTokenizer
+from scheduler.redis_state import RECORD_MAGIC
 from server.errors import APIError, bad_request, session_not_found, state_refused
 from server.metrics import Metrics
 from server.schemas import ChatMessage, HeadStats, LayerStats, SessionInfo
@@ -32,7 +33,7 @@ from server.stores import SessionStore, StoredSession, StoreError, VersionConfli
 
 log = logging.getLogger("sleepserve.sessions")
 
-MAGIC = b"SSR1"
+MAGIC = RECORD_MAGIC
 _ID = re.compile(r"[0-9a-f]{32}")
 
 

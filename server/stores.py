@@ -31,6 +31,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from scheduler.redis_state import ACQUIRE_LEASE, CAS_PUT, RELEASE_LEASE  # shared with the worker
+
 if TYPE_CHECKING:
     from server.metrics import Metrics
 
@@ -246,37 +248,6 @@ class MemoryStore(SessionStore):
         """Nothing to release: the sessions stay readable."""
 
 
-# KEYS[1] session hash. ARGV: expected version ('' to create), blob, owner, has owner ('1'/'0'), TTL ms.
-# Returns the new version (> 0); 0 when an update finds no session; -v when the stored version v differs.
-_CAS_PUT = """
-local current = redis.call('HGET', KEYS[1], 'version')
-if ARGV[1] == '' then
-  if current then return -tonumber(current) end
-else
-  if not current then return 0 end
-  if current ~= ARGV[1] then return -tonumber(current) end
-end
-local version = (tonumber(current) or 0) + 1
-redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'version', version)
-if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'owner', ARGV[3]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return version
-"""
-
-# KEYS[1] lease key. ARGV: holder, TTL ms. Takes a free lease or renews the holder's own; 1 when held.
-_ACQUIRE_LEASE = """
-local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-
-# KEYS[1] lease key. ARGV: holder. Deletes the lease only when the holder has it.
-_RELEASE_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 CONNECT_TIMEOUT = 2.0  # seconds: a dead Redis fails fast
 SOCKET_TIMEOUT = 5.0  # seconds per command: a few hundred KB is far below this
 
@@ -301,9 +272,9 @@ class RedisStore(SessionStore):
             socket_timeout=SOCKET_TIMEOUT,
             retry=Retry(NoBackoff(), 1),
         )
-        self._cas_put = self._redis.register_script(_CAS_PUT)
-        self._acquire = self._redis.register_script(_ACQUIRE_LEASE)
-        self._release = self._redis.register_script(_RELEASE_LEASE)
+        self._cas_put = self._redis.register_script(CAS_PUT)
+        self._acquire = self._redis.register_script(ACQUIRE_LEASE)
+        self._release = self._redis.register_script(RELEASE_LEASE)
 
     def _key(self, session_id: str) -> str:
         return f"{self.key_prefix}session:{session_id}"
