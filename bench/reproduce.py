@@ -99,6 +99,17 @@ def summarise(report: dict) -> dict:
         summary["lagged_n4_minus_hard_n4"] = difference(l4, h4)
     if len(control) == len(h4) > 1:
         summary["hard_n4_minus_control"] = difference(h4, control)
+
+    def at_t(schedule: str, passes: int, t: str) -> list[float]:
+        runs = sorted(report["runs"], key=lambda r: r["seed"])
+        return [
+            r["accuracy_by_difficulty"][t]["exact"]
+            for r in runs
+            if (r["schedule"], r["passes"], r["control"]) == (schedule, passes, False)
+        ]
+
+    if len(h1) == len(h4) > 1:  # where along t the depth of sleep makes its difference
+        summary["hard_n4_minus_n1_by_t"] = {t: difference(at_t("hard", 4, t), at_t("hard", 1, t)) for t in ts}
     return summary
 
 
