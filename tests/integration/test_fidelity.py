@@ -8,6 +8,7 @@ temperature 0. By the last request, the earlier ones' text lives only in the fas
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -78,3 +79,36 @@ def test_sessions_through_the_api_answer_as_eval_does(schedule, redis_server, tm
     assert not mismatches, f"{len(mismatches)} of {len(examples)} answers differ from eval: {mismatches[:5]}"
     correct = sum(a == ex.answer for a, ex in zip(answers, examples, strict=True))
     print(f"{schedule}: {correct}/{len(examples)} answers right, all {len(examples)} equal to eval's")
+
+
+def test_idle_trigger_accuracy_reported_beside(redis_server, tmp_path):
+    """With the idle trigger on, each pause between requests consolidates the tail early (chunks of
+    varying length, as the checkpoint was trained): answers may differ from eval's, so the accuracy of
+    both is reported side by side."""
+    model = load_checkpoint(CHECKPOINT)
+    tasks = checkpoint_tasks(CHECKPOINT, model.config.window)
+    examples = [ex for task in tasks for ex in held_out_examples(task, 48 // len(tasks))]
+    expected = [greedy_answer(model, ex) for ex in examples]
+    flags = ("--sleep-passes", str(model.config.sleep_passes), "--idle-consolidation", "0.1")
+    server = ServerProcess(
+        CHECKPOINT, redis_server.replace("/0", "/4"), tmp_path / "idle.log", "sleepy", flags
+    )
+    answers = []
+    try:
+        for ex in examples:
+            session = server.new_session()
+            *context, last = requests_of(ex, model.config.window)
+            for prompt in context:
+                feed(server, session, prompt, max_tokens=0)
+                time.sleep(0.3)  # idle: the tail is consolidated before the next request
+            assert server.session(session)["tail_tokens"] == 0
+            answers.append(feed(server, session, last, max_tokens=len(ex.answer)))
+    finally:
+        server.stop(kill=True)
+    idle_right = sum(a == ex.answer for a, ex in zip(answers, examples, strict=True))
+    exact_right = sum(e == ex.answer for e, ex in zip(expected, examples, strict=True))
+    same = sum(a == e for a, e in zip(answers, expected, strict=True))
+    print(
+        f"idle trigger on: {idle_right}/{len(examples)} right; without it (eval): {exact_right}/{len(examples)}; "
+        f"{same} answers identical"
+    )
