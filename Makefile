@@ -48,7 +48,8 @@ reproduce: install
 	$(PY) -m bench.reproduce
 
 bench: install system-deps
-	$(PY) -m bench.decode_scaling
+	$(PY) -m bench.suite
+	$(PY) -m bench.training_curves
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

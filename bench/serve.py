@@ -302,6 +302,10 @@ async def _session(
     """One conversation: `turns` sequential requests; a failed turn ends the session."""
     rng = random.Random(f"{config.seed}-{index}")
     session_id = uuid.uuid4().hex  # fresh per run, so a rerun never resumes an old server-side session
+    if not config.stateless_history:  # servers with a session API (sleepserve) want it created first
+        created = await client.post("/v1/sessions", json={"session_id": session_id})
+        if created.status_code not in (200, 404, 405):  # 404/405: no such API; session_id is then ignored
+            created.raise_for_status()
     chat = "chat" in config.endpoint
     messages: list[dict[str, str]] = []
     history = ""

@@ -161,6 +161,10 @@ def test_multiturn_writer_shape(tmp_path: Path) -> None:
     assert systems[0]["by_context"][2]["itl_p99_ms"] == pytest.approx(5.5)
     assert systems[0]["by_context"][0]["ttft_p50_ms"] == pytest.approx(100.0, abs=0.1)
     assert systems[1]["state_bytes_by_context"][2] == {"context_tokens": 16384, "bytes": 512 * 16384}
+    cut = multiturn.system_entry(
+        "x", _multiturn_result([5, 5, 9], contexts, False), _throughput(1), int, range(2)
+    )
+    assert [p["context_tokens"] for p in cut["by_context"]] == [0, 8192]  # a cool-down turn left out
 
     systems[1]["kv_bytes_at_reference"] = 512 * 16384
     checks = multiturn.floors(systems)
