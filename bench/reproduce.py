@@ -168,12 +168,15 @@ def main(argv: list[str] | None = None) -> None:
         report["runs"] = json.loads(args.out.read_text())["runs"]
     done = {run_name(r["schedule"], r["passes"], r["seed"], r["control"]) for r in report["runs"]}
 
-    def record(run: dict) -> None:
-        report["runs"].append(run)
+    def write() -> None:
         report["summary"] = summarise(report)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
         plot(report, args.out.with_suffix(".png"))
+
+    def record(run: dict) -> None:
+        report["runs"].append(run)
+        write()
 
     def wanted(name: str) -> bool:
         return args.only is None or name in args.only
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
             }
             steps = round(args.steps * seconds[4] / seconds[1])
             record(run_one(base, "hard", 1, seed, steps, True, args.eval_per_t))
+    write()
     print(json.dumps(report["summary"], indent=2))
 
 
