@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.decode_scaling import machine
 from bench.procs import http_server
 from bench.serve import RequestConfig, run_requests
 from model.config import ModelConfig
@@ -53,8 +54,11 @@ def scrape(metrics: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", metrics, flags=re.M))
 
 
-def measure(name: str, flags: list[str], checkpoint: Path, streams: int, tokens: int, log_dir: Path) -> dict:
-    with http_server("server", ["--checkpoint", str(checkpoint), *flags], log_dir / f"{name}.log") as url:
+def measure(
+    name: str, flags: list[str], checkpoint: Path, streams: int, tokens: int, log_dir: Path, threads: int
+) -> dict:
+    server_args, env = ["--checkpoint", str(checkpoint), *flags], {"OMP_NUM_THREADS": str(threads)}
+    with http_server("server", server_args, log_dir / f"{name}.log", env) as url:
         config = RequestConfig(
             base_url=url, num_prompts=streams, max_concurrency=streams, input_len=8, output_len=tokens,
             ignore_eos=True, label=name, progress=False,
@@ -119,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--boundaries", type=int, default=8, help="window boundaries each stream crosses")
     parser.add_argument("--passes", type=int, default=3, help="N of the fixed-depth systems")
     parser.add_argument("--max-passes", type=int, default=4, help="largest N of the adaptive system")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of each server (OMP_NUM_THREADS)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "sleep_overlap.json")
     args = parser.parse_args(argv)
 
@@ -130,13 +137,20 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="sleep-overlap-") as folder:
         checkpoint = save_random(config, Path(folder) / "model")
         for name, flags in systems(args.passes, args.max_passes).items():
-            row = measure(name, flags, checkpoint, args.streams, tokens, Path(folder) / "logs")
+            row = measure(name, flags, checkpoint, args.streams, tokens, Path(folder) / "logs", args.threads)
             rows.append(row)
             print(
                 f"{name:>17}: ITL p50 {row['itl_p50_ms']:6.2f} ms  p99 {row['itl_p99_ms']:6.2f} ms  "
                 f"max {row['itl_max_ms']:6.1f} ms  misses {row['deadline_misses']}  mean N {row['mean_passes']:.2f}"
             )
-    report = {"window": config.window, "prompt_tokens": 8, "tokens_per_stream": tokens, "systems": rows}
+    report = {
+        "machine": machine(),
+        "server_threads": args.threads,
+        "window": config.window,
+        "prompt_tokens": 8,
+        "tokens_per_stream": tokens,
+        "systems": rows,
+    }
     base, product = rows[0], rows[-1]
     report["floors"] = {
         "lagged_p99_within_1.25x_of_no_sleep": product["itl_p99_ms"] <= 1.25 * base["itl_p99_ms"],

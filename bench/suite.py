@@ -16,7 +16,7 @@ import torch
 
 from bench import decode_scaling, multiturn, sleep_overlap, state
 
-NAMES = ("decode-scaling", "state", "multiturn")
+NAMES = ("decode-scaling", "state", "sleep-overlap", "multiturn")
 
 
 def steps(threads: int) -> dict[str, tuple[Callable[[list[str]], object], list[str]]]:
@@ -24,7 +24,7 @@ def steps(threads: int) -> dict[str, tuple[Callable[[list[str]], object], list[s
     return {
         "decode-scaling": (decode_scaling.main, []),
         "state": (state.main, []),
-    "sleep-overlap": (sleep_overlap.main, []),
+        "sleep-overlap": (sleep_overlap.main, ["--threads", str(threads)]),
         "multiturn": (multiturn.main, ["--disable-tqdm", "--threads", str(threads)]),
     }
 
