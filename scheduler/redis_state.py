@@ -55,6 +55,23 @@ class VersionConflict(Exception):
     """The compare-and-set failed: the session changed (or vanished) since it was read."""
 
 
+def cas_put_args(expected_version: int | None, blob: bytes, owner: str | None, ttl_ms: int) -> list:
+    """ARGV of CAS_PUT (the server's RedisStore passes the same)."""
+    return [
+        "" if expected_version is None else str(expected_version),
+        bytes(blob),
+        owner or "",
+        "0" if owner is None else "1",
+        ttl_ms,
+    ]
+
+
+def record_fields(fields: dict[bytes, bytes]) -> tuple[bytes, int, str | None]:
+    """(blob, version, owner) of a session hash read with HGETALL."""
+    owner = fields.get(b"owner")
+    return fields[b"blob"], int(fields[b"version"]), None if owner is None else owner.decode()
+
+
 @dataclass(frozen=True)
 class StoredRecord:
     blob: bytes
@@ -92,22 +109,13 @@ class RedisSessions:
             fields, _ = pipe.hgetall(key).pexpire(key, self._ttl_ms()).execute()
         if not fields:
             return None
-        owner = fields.get(b"owner")
-        return StoredRecord(
-            fields[b"blob"], int(fields[b"version"]), None if owner is None else owner.decode()
-        )
+        return StoredRecord(*record_fields(fields))
 
     def put(
         self, session_id: str, blob: bytes, expected_version: int | None, owner: str | None = None
     ) -> int:
         """Compare-and-set write (as `RedisStore.put`); returns the new version or raises VersionConflict."""
-        args = [
-            "" if expected_version is None else str(expected_version),
-            bytes(blob),
-            owner or "",
-            "0" if owner is None else "1",
-            self._ttl_ms(),
-        ]
+        args = cas_put_args(expected_version, blob, owner, self._ttl_ms())
         result = int(self._cas_put(keys=[self.key(session_id)], args=args))
         if result <= 0:
             found = "no session" if result == 0 else f"version {-result}"

@@ -31,7 +31,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from scheduler.redis_state import ACQUIRE_LEASE, CAS_PUT, RELEASE_LEASE  # shared with the worker
+from scheduler.redis_state import (  # shared with the worker
+    ACQUIRE_LEASE,
+    CAS_PUT,
+    RELEASE_LEASE,
+    cas_put_args,
+    record_fields,
+)
 
 if TYPE_CHECKING:
     from server.metrics import Metrics
@@ -304,21 +310,12 @@ class RedisStore(SessionStore):
                 fields, _ = await pipe.hgetall(key).pexpire(key, self._ttl_ms).execute()
         if not fields:
             return None
-        owner = fields.get(b"owner")
-        return StoredSession(
-            fields[b"blob"], int(fields[b"version"]), None if owner is None else owner.decode()
-        )
+        return StoredSession(*record_fields(fields))
 
     async def put(
         self, session_id: str, blob: bytes, expected_version: int | None, owner: str | None = None
     ) -> int:
-        args = [
-            "" if expected_version is None else str(expected_version),
-            bytes(blob),
-            owner or "",
-            "0" if owner is None else "1",
-            self._ttl_ms,
-        ]
+        args = cas_put_args(expected_version, blob, owner, self._ttl_ms)
         with self._op("put"):
             result = int(await self._cas_put(keys=[self._key(session_id)], args=args))
             if result <= 0:
