@@ -294,7 +294,7 @@ PRESETS: dict[str, TrainConfig] = {
             "chains": {"max_ops": 2, "context_windows": 2, "statements_per_window": 2},
         },
         model=ModelConfig(variable_chunks=True),
-        steps=1500,
+        steps=2700,
         batch_size=128,
         eval_every=500,
         passes_range=(1, 3),

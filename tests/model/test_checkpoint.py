@@ -7,8 +7,9 @@ from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from model.evaluate import HELD_OUT_SEED, checkpoint_tasks
 from model.train import evaluate
 
-# Chance of an exact answer, and the margin the checkpoint must beat it by (mean over difficulties).
-CHANCE_AND_MARGIN = {"rule110": (0.25, 0.05)}
+# Chance of an exact answer (rule110: 2 bits; hops: one of 6 nodes), and the margin the checkpoint must
+# beat it by, mean over difficulties (measured: rule110 0.60, hops 0.23; chains is at chance).
+CHANCE_AND_MARGIN = {"rule110": (0.25, 0.20), "hops": (1 / 6, 0.03)}
 
 
 def test_shipped_checkpoint_config_and_size():
