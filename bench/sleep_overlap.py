@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from bench.decode_scaling import machine
+from bench.models import save_random
 from bench.procs import http_server
 from bench.serve import RequestConfig, run_requests
 from model.config import ModelConfig
@@ -128,8 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "sleep_overlap.json")
     args = parser.parse_args(argv)
-
-    from bench.models import save_random
 
     config = ModelConfig()
     tokens = (args.boundaries + 1) * config.window
