@@ -255,8 +255,8 @@ def run(work: Workload, systems: list[str], folder: Path, progress: bool = True)
     server_args = [
         "--store",
         "memory",
-        "--prefill-chunk",
-        str(product.config.window),
+        "--prefill-chunk",  # the same prompt budget per engine iteration for both: sleepserve's default
+        str(4 * product.config.window),
         "--log-level",
         "warning",
     ]

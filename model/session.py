@@ -45,6 +45,26 @@ def open_window(model: HybridLM, state: SessionState) -> tuple[WindowCache, Tens
     return cache, logits[0, -1]
 
 
+def open_windows(model: HybridLM, states: list[SessionState]) -> list[WindowCache]:
+    """`open_window` for several sessions at once (no logits): one batched prefill per tail length."""
+    windows: list[WindowCache | None] = [None] * len(states)
+    by_length: dict[int, list[int]] = {}
+    for i, state in enumerate(states):
+        by_length.setdefault(len(state.tail), []).append(i)
+    for length, members in by_length.items():
+        memory = [
+            torch.stack(layer).to(model.device)
+            for layer in zip(*(states[i].memory for i in members), strict=True)
+        ]
+        batch = model.open_window(memory)
+        if length:
+            tokens = torch.tensor([states[i].tail for i in members], device=model.device)
+            _, batch = model.extend(tokens, batch)
+        for row, i in enumerate(members):
+            windows[i] = batch if len(members) == 1 else batch.select([row])
+    return windows  # type: ignore[return-value]
+
+
 def room_in_chunk(model: HybridLM, state: SessionState) -> int:
     """Tokens the current chunk can take before its boundary."""
     return model.config.window - (len(state.tail) - state.prev_len)

@@ -1,33 +1,45 @@
-"""The in-process sleep executor: worker threads that run consolidation jobs off the decode path.
+"""The in-process sleep executor: consolidation jobs run off the decode path.
 
 `submit(job)` queues a job (EDF) and returns a `concurrent.futures.Future` of its `SleepResult`. A
-worker pops the earliest job together with the queued jobs of the same chunk length and depth, runs
-them as one batched `model.sleep` under `torch.no_grad()` (on CUDA inside the worker's own stream,
-synchronised before the result is published) and completes each job's future. The engine polls
-`future.done()` between decode steps and swaps the memory in; when a session cannot go on without it
-(its deadline), `future.result()` blocks, and that wait is the decode stall.
-
-CPU threads: the decode loop and the sleep workers share torch's process-wide intra-op thread pool.
-We do not partition it: on CPU a running sleep slows decode while it runs; on GPU the two overlap on
-separate streams.
+worker thread pops the earliest job together with the queued jobs of the same chunk length and depth
+and runs them as one batched `model.sleep` through a sleeper:
+- `LocalSleeper` (the thread sleeper): on the worker thread itself, under `torch.no_grad()`; on CUDA
+  inside the worker's own stream, synchronised before the result is published, so sleep overlaps the
+  decode loop on the device.
+- `ProcessSleeper`: in a child process holding a copy of the weights. On CPU a small model's step is
+  mostly Python, so a sleep on a thread of the server holds the GIL that the decode loop needs; in a
+  child process it takes another core instead. Only the chunk, the memory and the new memory cross the
+  pipe (a few kilobytes).
+The engine polls `future.done()` between decode steps and swaps the memory in; when a session cannot go
+on without it (its deadline), `future.result()` blocks, and that wait is the decode stall.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
+import multiprocessing
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from multiprocessing.connection import Connection
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
+from model.config import ModelConfig
 from model.hybrid import HybridLM
 from scheduler.jobs import ConsolidationJob, JobQueue
 from scheduler.policy import DepthPolicy
+
+log = logging.getLogger("sleepserve.scheduler")
+Memory = list[Tensor]  # one [B, H, K, V] tensor per gdn layer
+Isolation = Literal["thread", "process"]
 
 
 class _Gauge(Protocol):
@@ -69,11 +81,114 @@ class SleepResult:
     finished: float  # clock time
     deadline_missed: bool
     batch_size: int
-    after: Any = None  # what job.after returned
+
+
+class LocalSleeper:
+    """Runs `model.sleep` on the calling thread (on CUDA in that thread's own stream)."""
+
+    def __init__(self, model: HybridLM) -> None:
+        self.model = model
+        self._streams = threading.local()
+
+    def __call__(self, memory: Memory, chunk: Tensor, passes: int) -> Memory:
+        device = self.model.device
+        if device.type != "cuda":
+            with torch.no_grad():
+                return self.model.sleep(memory, chunk, passes)
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(device)
+        with torch.no_grad(), torch.cuda.stream(stream):
+            stream.wait_stream(torch.cuda.default_stream(device))  # inputs were made on the decode stream
+            out = self.model.sleep(memory, chunk, passes)
+        stream.synchronize()
+        for m in out:  # consumed on the default stream: free only after its use there
+            m.record_stream(torch.cuda.default_stream(device))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessSleeper:
+    """Runs `model.sleep` in a child process with a copy of the weights (CPU only). One call at a
+    time; a child that dies is restarted and the call retried once."""
+
+    def __init__(self, model: HybridLM, threads: int = 1) -> None:
+        if model.device.type != "cpu":
+            raise ValueError("the process sleeper runs on CPU; on CUDA use the thread sleeper (own stream)")
+        self._config = model.config.to_dict()
+        self._weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        self._threads = threads
+        self._lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")  # fork is unsafe in a process with threads
+        self._conn, child = context.Pipe()
+        weights = {name: t.numpy() for name, t in self._weights.items()}
+        self._process = context.Process(
+            target=_serve_sleeps,
+            args=(child, self._config, weights, self._threads),
+            name="sleepserve-sleeper",
+            daemon=True,
+        )
+        self._process.start()
+        child.close()
+
+    def __call__(self, memory: Memory, chunk: Tensor, passes: int) -> Memory:
+        request = ([m.numpy() for m in memory], chunk.numpy(), passes)
+        with self._lock:
+            try:
+                reply = self._ask(request)
+            except (EOFError, OSError):
+                log.warning("the sleeper process died (exit code %s); restarting it", self._process.exitcode)
+                self._conn.close()
+                self._process.join(timeout=5)
+                self._start()
+                reply = self._ask(request)
+        if isinstance(reply, BaseException):
+            raise reply
+        return [torch.from_numpy(array) for array in reply]
+
+    def _ask(self, request: tuple) -> object:
+        self._conn.send(request)
+        return self._conn.recv()
+
+    def close(self) -> None:
+        with self._lock, contextlib.suppress(EOFError, OSError):
+            self._conn.send(None)
+        self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.kill()
+        self._conn.close()
+
+
+def _serve_sleeps(conn: Connection, config: dict, weights: dict, threads: int) -> None:
+    """The child process of `ProcessSleeper`: answers (memory, chunk, passes) with the new memory."""
+    torch.set_num_threads(threads)
+    model = HybridLM(ModelConfig.from_dict(config))
+    model.load_state_dict({name: torch.from_numpy(array) for name, array in weights.items()})
+    model.eval()
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:  # the server is gone
+            return
+        if request is None:
+            return
+        memory, chunk, passes = request
+        try:
+            with torch.inference_mode():
+                out = model.sleep([torch.from_numpy(m) for m in memory], torch.from_numpy(chunk), passes)
+            conn.send([m.numpy() for m in out])
+        except Exception as exc:  # the parent raises it in the job's future
+            conn.send(exc)
 
 
 class SleepExecutor:
-    """Runs consolidation jobs on `workers` threads, batching up to `max_batch` equal jobs."""
+    """Runs consolidation jobs on `workers` threads, batching up to `max_batch` equal jobs. With
+    isolation="process" each worker thread hands its batches to a child process of its own."""
 
     def __init__(
         self,
@@ -83,20 +198,24 @@ class SleepExecutor:
         workers: int = 1,
         policy: DepthPolicy | None = None,
         metrics: SleepMetrics | None = None,
+        isolation: Isolation = "thread",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch < 1 or workers < 1:
             raise ValueError("max_batch and workers must be positive")
         self.model, self.max_batch, self.clock = model, max_batch, clock
         self.policy, self.metrics = policy, metrics
+        self._sleepers: list[LocalSleeper | ProcessSleeper] = [
+            ProcessSleeper(model) if isolation == "process" else LocalSleeper(model) for _ in range(workers)
+        ]
         self._queue = JobQueue()
         self._futures: dict[int, Future[SleepResult]] = {}
         self._running: dict[int, ConsolidationJob] = {}
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [
-            threading.Thread(target=self._work, name=f"sleepserve-sleep-{i}", daemon=True)
-            for i in range(workers)
+            threading.Thread(target=self._work, args=(sleeper,), name=f"sleepserve-sleep-{i}", daemon=True)
+            for i, sleeper in enumerate(self._sleepers)
         ]
         for thread in self._threads:
             thread.start()
@@ -106,18 +225,15 @@ class SleepExecutor:
         return len(self._queue)
 
     def calibrate(self, tokens: int, repeats: int = 2) -> float:
-        """Time one pass over a chunk of `tokens` tokens on this thread and seed the policy with it.
-        Returns seconds per pass."""
+        """Time one pass over a chunk of `tokens` tokens through a worker's sleeper (a child process
+        included) and seed the policy with it. Returns seconds per pass."""
         memory = self.model.empty_memory(1)
         chunk = torch.zeros(1, tokens, dtype=torch.long, device=self.model.device)
         best = float("inf")
-        with torch.no_grad():
-            for _ in range(repeats):
-                start = time.perf_counter()
-                self.model.sleep(memory, chunk, 1)
-                if self.model.device.type == "cuda":
-                    torch.cuda.synchronize(self.model.device)
-                best = min(best, time.perf_counter() - start)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self._sleepers[0](memory, chunk, 1)
+            best = min(best, time.perf_counter() - start)
         if self.policy is not None:
             self.policy.seed(tokens, best)
         return best
@@ -165,25 +281,30 @@ class SleepExecutor:
         if wait:
             for thread in self._threads:
                 thread.join()
+            for sleeper in self._sleepers:
+                sleeper.close()
 
     # -- workers ------------------------------------------------------------------------------------
 
     def _work_ahead(self, deadline: float) -> float:
-        """Estimated seconds of queued and running work that runs before a job due at `deadline`."""
+        """Estimated seconds of queued and running work that runs before a job due at `deadline`.
+        Equal jobs run as one batch, and a small batch costs about what one job does (the per-pass
+        overhead dominates), so the work is counted in batches, not in jobs."""
         assert self.policy is not None
         with self._cond:
-            jobs = [j for j in self._queue.snapshot() if j.deadline <= deadline]
-            jobs += list(self._running.values())
-        total = sum(self.policy.estimate(j.tokens, j.passes or self.policy.min_passes) for j in jobs)
+            queued = [j for j in self._queue.snapshot() if j.deadline <= deadline]
+            running = list(self._running.values())
+        shapes = Counter((j.tokens, j.passes or self.policy.min_passes) for j in queued)
+        batches = [(shape, math.ceil(count / self.max_batch)) for shape, count in shapes.items()]
+        batches += [(shape, 1) for shape in {(j.tokens, j.passes or self.policy.min_passes) for j in running}]
+        total = sum(count * self.policy.estimate(*shape) for shape, count in batches)
         return total / len(self._threads)
 
     def _set_depth(self) -> None:
         if self.metrics is not None:
             self.metrics.sleep_queue_depth.set(len(self._queue))
 
-    def _work(self) -> None:
-        device = self.model.device
-        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    def _work(self, sleeper: LocalSleeper | ProcessSleeper) -> None:
         while True:
             with self._cond:
                 while not len(self._queue) and not self._closed:
@@ -197,40 +318,28 @@ class SleepExecutor:
                 self._set_depth()
             try:
                 if items:
-                    self._run(items, stream)
+                    self._run(items, sleeper)
             finally:
                 with self._cond:
                     for job, _ in items:
                         self._running.pop(job.id, None)
 
     def _run(
-        self, items: list[tuple[ConsolidationJob, Future[SleepResult]]], stream: torch.cuda.Stream | None
+        self,
+        items: list[tuple[ConsolidationJob, Future[SleepResult]]],
+        sleeper: LocalSleeper | ProcessSleeper,
     ) -> None:
         jobs = [job for job, _ in items]
         passes, device = jobs[0].passes, self.model.device
         assert passes is not None
         start = self.clock()
         try:
-            context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-            with torch.no_grad(), context:
-                if stream is not None:  # the inputs were made on the decode loop's (default) stream
-                    stream.wait_stream(torch.cuda.default_stream(device))
-                memory = [
-                    torch.stack([job.memory[i].to(device) for job in jobs])
-                    for i in range(len(jobs[0].memory))
-                ]
-                chunk = torch.tensor([job.chunk for job in jobs], dtype=torch.long, device=device)
-                out = self.model.sleep(memory, chunk, passes)
-                per_job = [[m[b].clone() for m in out] for b in range(len(jobs))]
-                after = [
-                    job.after(memory) if job.after else None
-                    for job, memory in zip(jobs, per_job, strict=True)
-                ]
-                if stream is not None:
-                    stream.synchronize()
-                    for tensors in per_job:  # consumed on the default stream: free only after its use
-                        for t in tensors:
-                            t.record_stream(torch.cuda.default_stream(device))
+            memory = [
+                torch.stack([job.memory[i].to(device) for job in jobs]) for i in range(len(jobs[0].memory))
+            ]
+            chunk = torch.tensor([job.chunk for job in jobs], dtype=torch.long, device=device)
+            out = sleeper(memory, chunk, passes)
+            per_job = [[m[b].clone() for m in out] for b in range(len(jobs))]
         except BaseException as exc:
             for _, future in items:
                 future.set_exception(exc)
@@ -242,7 +351,7 @@ class SleepExecutor:
             self.policy.observe(jobs[0].tokens, passes, seconds)
             if any(missed):
                 self.policy.record_miss()
-        for (job, future), memory_out, late, extra in zip(items, per_job, missed, after, strict=True):
+        for (job, future), memory_out, late in zip(items, per_job, missed, strict=True):
             if self.metrics is not None:
                 self.metrics.sleep_duration.labels(trigger=job.trigger).observe(seconds)
                 self.metrics.sleep_passes.observe(passes)
@@ -251,15 +360,6 @@ class SleepExecutor:
                     self.metrics.sleep_deadline_misses.inc()
             future.set_result(
                 SleepResult(
-                    job.id,
-                    job.session,
-                    memory_out,
-                    job.tokens,
-                    passes,
-                    seconds,
-                    finished,
-                    late,
-                    len(jobs),
-                    extra,
+                    job.id, job.session, memory_out, job.tokens, passes, seconds, finished, late, len(jobs)
                 )
             )

@@ -6,9 +6,8 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from torch import Tensor
 
@@ -22,9 +21,7 @@ class ConsolidationJob:
     """Sleep on `chunk` starting from `memory` (one [H, K, V] tensor per gdn layer, not modified).
 
     `passes` is N; None lets the executor's depth policy choose it at submission. `deadline` is a
-    `time.monotonic()` instant: when the session needs the result. `after`, if given, runs on the
-    worker right after the sleep with the new memory; its return value is the result's `after`
-    (the engine uses it to build a lagged session's next window off the decode thread).
+    `time.monotonic()` instant: when the session needs the result.
     """
 
     session: str
@@ -33,7 +30,6 @@ class ConsolidationJob:
     passes: int | None
     deadline: float
     trigger: Trigger = "window_full"
-    after: Callable[[list[Tensor]], Any] | None = None
     id: int = field(default_factory=lambda: next(_ids))
     enqueued: float = field(default_factory=time.monotonic)
 

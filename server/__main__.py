@@ -4,4 +4,5 @@ import sys
 
 from server.cli import serve
 
-sys.exit(serve(sys.argv[1:]))
+if __name__ == "__main__":  # the sleeper's child process (spawn) imports this module again
+    sys.exit(serve(sys.argv[1:]))

@@ -38,6 +38,7 @@ SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
     ("--store", "store", str, "session store: memory | redis://host:port/db"),
     ("--schedule", "schedule", str, "hard | lagged (default: the checkpoint's)"),
     ("--sleep-mode", "sleep_mode", str, "background (off the decode path, default) | inline"),
+    ("--sleep-worker", "sleep_worker", str, "auto (default) | thread | process: where background sleep runs"),
     (
         "--sleep-passes",
         "sleep_passes",

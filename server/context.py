@@ -74,7 +74,10 @@ def build_server(settings: Settings, model: HybridLM | None = None) -> Server:
     executor = None
     if settings.sleep_mode == "background":
         policy = DepthPolicy(settings.min_passes, settings.max_passes)
-        executor = SleepExecutor(model, policy=policy, metrics=metrics)
+        isolation = settings.sleep_worker
+        if isolation == "auto":
+            isolation = "process" if model.device.type == "cpu" else "thread"
+        executor = SleepExecutor(model, policy=policy, metrics=metrics, isolation=isolation)
         executor.calibrate(config.window)
     store = open_store(
         settings.store, session_ttl=settings.session_ttl, max_bytes=settings.store_max_bytes, metrics=metrics

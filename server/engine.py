@@ -3,8 +3,9 @@
 Each iteration (`Engine.step`) does, in order:
 1. finish the sequences that were aborted (client gone) or passed their deadline, at a token boundary;
 2. admit waiting sequences while fewer than `max_running` run (their window is rebuilt from the state);
-3. prefill: feed at most `prefill_chunk` prompt tokens (of the oldest prefilling sequences), so that
-   a long prompt never freezes the running streams for more than one slice;
+3. prefill: feed at most `prefill_chunk` prompt tokens, a piece per prefilling sequence (oldest first),
+   batched by piece length, so that long prompts never freeze the running streams for more than one
+   slice;
 4. decode: one token for every sequence past its prompt, as a single `model.extend` over their stacked
    window caches (continuous batching: membership may change at every step; the stacked cache persists
    and is only cut and re-stacked when sequences join or leave).
@@ -15,14 +16,13 @@ request's asyncio queue through `loop.call_soon_threadsafe`.
 
 Window boundaries (`Engine._consolidate`). With no executor the sequence sleeps right there, on the
 decode thread (`model.session.cross_boundary`). With a `SleepExecutor` the sleep runs on its worker
-thread and the decode loop never waits for another session's sleep:
+(a thread, or a child process on CPU) and the decode loop never waits for another session's sleep:
 - `hard`: the sequence leaves the batch until its own sleep is done (a decode stall for it alone).
-- `lagged`: the sleep on chunk j−1 starts when chunk j−1 completes and is due when chunk j completes.
-  When it finishes, the worker also builds the window that follows that boundary — chunk j run from
-  the new memory, the "re-prefill", caught up with the tokens decoded so far — and the engine keeps it
-  in step as a shadow row of the batch. At the boundary the shadow row becomes the sequence's row: the
-  same window the synchronous path would rebuild, without a pause. A late sleep blocks the sequence
-  (a counted deadline miss and a decode stall), never the others.
+- `lagged`: the sleep on chunk j−1 starts when chunk j−1 completes and is due when chunk j completes,
+  so it runs while chunk j is decoded. At that boundary the new memory is swapped in and the window is
+  rebuilt from it: chunk j run once from M_{j−1} (the re-prefill, one pass over L known tokens, batched
+  over every sequence crossing in the same step), the same window the synchronous path builds. A late
+  sleep blocks the sequence (a counted deadline miss and a decode stall), never the others.
 
 Finish reasons: `stop` (EOS, a stop token or a stop string), `length` (max_tokens), `abort` (client
 gone or server shutdown), `timeout` (request_timeout passed), `error` (the model raised; the session
@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from model.hybrid import HybridLM, WindowCache
-from model.session import apply_sleep, cross_boundary, open_window, room_in_chunk
+from model.session import apply_sleep, cross_boundary, open_window, open_windows, room_in_chunk
 from model.state import SessionState
 from model.tokenizer import EOS, StreamDecoder
 from scheduler.executor import SleepExecutor, SleepResult
@@ -152,12 +152,9 @@ class Sequence:
     generator: torch.Generator | None = None
     decoder: StreamDecoder = field(default_factory=StreamDecoder)
     last_token_at: float = 0.0
-    # Background sleep (with an executor): the pending consolidation of the tail's first chunk; its
-    # result once it is in (lagged: with `shadow`, the window after the next boundary, kept in step);
-    # and since when the sequence has been waiting at a boundary for it.
+    # Background sleep (with an executor): the pending consolidation of the tail's first chunk, and
+    # since when the sequence has been waiting at a boundary for it.
     sleep: concurrent.futures.Future[SleepResult] | None = None
-    slept: SleepResult | None = None
-    shadow: WindowCache | None = None
     blocked_since: float | None = None
     rate: DecodeRate = field(default_factory=lambda: DecodeRate(initial=50.0))
 
@@ -190,9 +187,6 @@ def _stop_overlap(text: str, stops: tuple[str, ...]) -> int:
     )
 
 
-Row = tuple[Sequence, bool]  # a row of the decode batch: (sequence, is its shadow window)
-
-
 class Engine:
     def __init__(
         self,
@@ -212,10 +206,10 @@ class Engine:
         self.model, self.passes, self.metrics = model, passes, metrics
         self.executor = executor
         self.max_running, self.max_waiting = max_running, max_waiting
-        self.prefill_chunk = prefill_chunk or model.config.window
+        self.prefill_chunk = prefill_chunk or 4 * model.config.window
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._rows: list[Row] = []  # the decode batch, row by row
+        self._rows: list[Sequence] = []  # the decode batch, row by row
         self._cache: WindowCache | None = None  # the batch's stacked windows
         self.max_batch = 0  # largest decode batch so far
         self._aborted: set[Sequence] = set()
@@ -331,92 +325,89 @@ class Engine:
                 self._start_sleep(seq)  # a resumed lagged session: its previous chunk is not slept yet
 
     def _prefill(self) -> int:
-        """Feed up to `prefill_chunk` prompt tokens; returns how many."""
-        budget = self.prefill_chunk
-        for seq in [s for s in self.running if s.to_feed and s.blocked_since is None]:
-            while budget and seq.to_feed and seq.blocked_since is None:
+        """Feed prompt tokens: one piece per sequence still reading its prompt (up to its chunk's
+        boundary), `prefill_chunk` tokens in all, oldest sequences first; the pieces of equal length go
+        through the model as one batch. Returns how many tokens were fed."""
+        budget, groups = self.prefill_chunk, {}
+        for seq in self.running:
+            if budget and seq.to_feed and seq.blocked_since is None:
                 n = min(budget, room_in_chunk(self.model, seq.state), len(seq.to_feed))
-                piece, seq.to_feed = seq.to_feed[:n], seq.to_feed[n:]
-                tokens = torch.tensor([piece], device=self.model.device)
-                logits, seq.cache = self.model.extend(tokens, seq.cache)
-                if seq.shadow is not None:  # the next window follows every token
-                    _, seq.shadow = self.model.extend(tokens, seq.shadow)
-                seq.stats.prompt_tokens += n
-                self.metrics.prompt_tokens.inc(n)
+                groups.setdefault(n, []).append(seq)
                 budget -= n
-                if self._advance(seq, piece, logits[0, -1]):
-                    self._consolidate(seq)
-            if not seq.to_feed and seq.blocked_since is None:
-                self._prompt_fed(seq)
-            if not budget:
-                break
+        for n, group in groups.items():
+            window = WindowCache.stack([seq.cache for seq in group]) if len(group) > 1 else group[0].cache
+            pieces = [seq.to_feed[:n] for seq in group]
+            logits, window = self.model.extend(torch.tensor(pieces, device=self.model.device), window)
+            at_boundary = []
+            for row, (seq, piece) in enumerate(zip(group, pieces, strict=True)):
+                seq.cache = window.select([row]) if len(group) > 1 else window
+                seq.to_feed = seq.to_feed[n:]
+                seq.stats.prompt_tokens += n
+                if self._advance(seq, piece, logits[row, -1]):
+                    at_boundary.append(seq)
+            self.metrics.prompt_tokens.inc(n * len(group))
+            self._consolidate(at_boundary)
+            for seq in group:
+                if not seq.to_feed and seq.blocked_since is None:
+                    self._prompt_fed(seq)
         return self.prefill_chunk - budget
 
     def _decode(self) -> int:
-        """One token for every decoding sequence (and its shadow window), as one batch; returns the
-        number of sequences stepped."""
+        """One token for every decoding sequence, as one batch; returns the number of sequences stepped."""
         members = [s for s in self.running if s.pending and not s.to_feed and s.blocked_since is None]
-        self._regroup([(s, False) for s in members] + [(s, True) for s in members if s.slept is not None])
+        self._regroup(members)
         if not self._rows:
             return 0
         rows = list(self._rows)
-        tokens = torch.tensor([[seq.pending[0]] for seq, _ in rows], device=self.model.device)
+        tokens = torch.tensor([[seq.pending[0]] for seq in rows], device=self.model.device)
         logits, self._cache = self.model.extend(tokens, self._cache)
-        self.max_batch = max(self.max_batch, len(members))
-        self.metrics.decode_batch_size.observe(len(members))
+        self.max_batch = max(self.max_batch, len(rows))
+        self.metrics.decode_batch_size.observe(len(rows))
         at_boundary = []
-        for row, (seq, is_shadow) in enumerate(rows):
-            if is_shadow:
-                continue
+        for row, seq in enumerate(rows):
             if self._advance(seq, [seq.pending.pop(0)], logits[row, -1]):
                 at_boundary.append(seq)
             if seq.finish_reason is None:
                 self._sample(seq)
-        for seq in at_boundary:  # after the loop: a boundary may reorder the batch's rows
-            self._consolidate(seq)
-        for seq in members:
+        # After the loop, as a boundary may reorder the batch's rows; a request that just ended (a
+        # stateless one at its last sample) leaves its session unsaved: nothing to consolidate.
+        self._consolidate([seq for seq in at_boundary if seq in self.running])
+        for seq in rows:
             if seq.finish_reason is not None and not seq.pending and seq.blocked_since is None:
                 self._finish(seq, seq.finish_reason)
-        return len(members)
+        return len(rows)
 
-    def _regroup(self, members: list[Row]) -> None:
+    def _regroup(self, members: list[Sequence]) -> None:
         """Make the decode batch hold exactly `members`. The batch's stacked cache persists from step to
         step; only when rows join or leave is it cut (`select`) and extended (`stack`). While in the
-        batch a sequence's own `cache` (or `shadow`) is None: its window is its row of `self._cache`."""
+        batch a sequence's own `cache` is None: its window is its row of `self._cache`."""
         if set(members) == set(self._rows):
             return
-        for row, (seq, is_shadow) in enumerate(self._rows):
-            if (seq, is_shadow) not in members and seq in self.running:  # leaves, but lives on
-                self._set_window(seq, is_shadow, self._cache.select([row]))
-        keep = [row for row, key in enumerate(self._rows) if key in members]
-        joining = [key for key in members if key not in self._rows]
+        for row, seq in enumerate(self._rows):
+            if seq not in members and seq in self.running:  # leaves, but lives on
+                seq.cache = self._cache.select([row])
+        keep = [row for row, seq in enumerate(self._rows) if seq in members]
+        joining = [seq for seq in members if seq not in self._rows]
         parts = [self._cache.select(keep)] if keep else []
-        for seq, is_shadow in joining:
-            parts.append(seq.shadow if is_shadow else seq.cache)
-            self._set_window(seq, is_shadow, None)
+        for seq in joining:
+            parts.append(seq.cache)
+            seq.cache = None
         self._rows = [self._rows[row] for row in keep] + joining
         self._cache = (WindowCache.stack(parts) if len(parts) > 1 else parts[0]) if parts else None
-
-    @staticmethod
-    def _set_window(seq: Sequence, is_shadow: bool, window: WindowCache | None) -> None:
-        if is_shadow:
-            seq.shadow = window
-        else:
-            seq.cache = window
 
     def _window(self, seq: Sequence) -> WindowCache:
         """The sequence's current window (a copy of its row when it is in the batch)."""
         if seq.cache is not None:
             return seq.cache
         assert self._cache is not None
-        return self._cache.select([self._rows.index((seq, False))])
+        return self._cache.select([self._rows.index(seq)])
 
     def _install(self, seq: Sequence, window: WindowCache) -> None:
         """Make `window` the sequence's current window."""
         if seq.cache is not None:
             seq.cache = window
         else:
-            self._cache.write_row(self._rows.index((seq, False)), window)
+            self._cache.write_row(self._rows.index(seq), window)
 
     def _advance(self, seq: Sequence, tokens: list[int], logits: Tensor) -> bool:
         """Account for tokens the model has just processed, as `model.session.feed` does. Returns
@@ -428,27 +419,30 @@ class Engine:
 
     # -- window boundaries ----------------------------------------------------------------------------
 
-    def _consolidate(self, seq: Sequence) -> None:
-        """The current chunk of `seq` is full."""
+    def _consolidate(self, seqs: list[Sequence]) -> None:
+        """The current chunk of each of `seqs` is full."""
         if self.executor is None:
-            self._consolidate_inline(seq)
-            return
-        state = seq.state
-        if self.model.config.schedule == "lagged" and not state.prev_len:
-            state.prev_len = len(state.tail)  # the first chunk stays visible; its sleep starts now
-            self._start_sleep(seq)
-            return
-        if self.model.config.schedule == "hard":
-            if self.passes == 1:  # N = 1: the wake pass was the sleep, nothing to wait for
+            for seq in seqs:
                 self._consolidate_inline(seq)
-                return
-            self._start_sleep(seq)
-        if seq.sleep is not None and seq.sleep.done():
-            self._take_sleep(seq)
-        if seq.slept is not None:
-            self._cross(seq)
-        else:  # the sleep is not done: this sequence (alone) waits for it
-            seq.blocked_since = time.monotonic()
+            return
+        ready = []
+        for seq in seqs:
+            state = seq.state
+            if self.model.config.schedule == "lagged" and not state.prev_len:
+                state.prev_len = len(state.tail)  # the first chunk stays visible; its sleep starts now
+                self._start_sleep(seq)
+                continue
+            if self.model.config.schedule == "hard":
+                if self.passes == 1:  # N = 1: the wake pass was the sleep, nothing to wait for
+                    self._consolidate_inline(seq)
+                    continue
+                self._start_sleep(seq)
+            assert seq.sleep is not None
+            if seq.sleep.done():
+                ready.append(seq)
+            else:  # the sleep is not done: this sequence (alone) waits for it
+                seq.blocked_since = time.monotonic()
+        self._cross(ready)
 
     def _consolidate_inline(self, seq: Sequence) -> None:
         """Sleep now, on the decode thread, and rebuild the window."""
@@ -469,96 +463,60 @@ class Engine:
         boundary) or the full current one (hard, due now)."""
         assert self.executor is not None
         state, model = seq.state, self.model
-        lagged = model.config.schedule == "lagged"
-        n_tokens = state.prev_len if lagged else len(state.tail)
+        n_tokens = state.prev_len if model.config.schedule == "lagged" else len(state.tail)
         deadline = sleep_deadline(
             model.config.schedule, time.monotonic(), room_in_chunk(model, state), seq.rate.rate
         )
-
-        def next_window(memory: list[Tensor]) -> tuple[WindowCache, int]:
-            """On the worker: the current chunk run from the new memory, with the tokens so far."""
-            window, fed = model.open_window([m[None] for m in memory]), 0
-            while len(current := state.tail[n_tokens:]) > fed:  # catch up with the decode loop
-                _, window = model.extend(torch.tensor([current[fed:]], device=model.device), window)
-                fed = len(current)
-            return window, fed
-
-        job = ConsolidationJob(
-            seq.id,
-            state.tail[:n_tokens],
-            list(state.memory),
-            self.passes,
-            deadline,
-            after=next_window if lagged else None,
-        )
+        job = ConsolidationJob(seq.id, state.tail[:n_tokens], list(state.memory), self.passes, deadline)
         seq.sleep = self.executor.submit(job)
 
     def _collect_sleeps(self) -> None:
-        """Take in finished sleeps, and let the sequences that wait for theirs at a boundary go on."""
-        for seq in list(self.running):
-            if seq.sleep is None or not seq.sleep.done():
-                continue
-            self._take_sleep(seq)
-            if seq.blocked_since is None:
-                continue
+        """Let the sequences that wait at a boundary for their sleep go on once it is done."""
+        done = [
+            s for s in self.running if s.blocked_since is not None and s.sleep is not None and s.sleep.done()
+        ]
+        for seq in done:
             self._unblock(seq)
+        self._cross(done)
+        for seq in done:
             if seq.finish_reason is not None and not seq.pending:
                 self._finish(seq, seq.finish_reason)
             elif not seq.to_feed and not seq.pending:  # its prompt ended at the boundary
                 self._prompt_fed(seq)
-
-    def _take_sleep(self, seq: Sequence) -> None:
-        """Receive the sleep's result (waiting for it if need be). A lagged sequence's next window
-        comes with it: caught up here with the tokens decoded since, it joins the batch as a shadow row."""
-        assert seq.sleep is not None
-        result, seq.sleep = seq.sleep.result(), None
-        seq.slept = result
-        if result.after is not None:
-            window, fed = result.after
-            missing = seq.state.tail[seq.state.prev_len + fed :]
-            if missing:
-                _, window = self.model.extend(torch.tensor([missing], device=self.model.device), window)
-            seq.shadow = window
 
     def _unblock(self, seq: Sequence) -> None:
         assert seq.blocked_since is not None
         if seq.generated:
             self.metrics.decode_stall.observe(time.monotonic() - seq.blocked_since)
         seq.blocked_since = None
-        self._cross(seq)
 
-    def _cross(self, seq: Sequence) -> None:
-        """Cross the boundary with the finished sleep: swap in the new memory and its window."""
-        result, seq.slept = seq.slept, None
-        assert result is not None
-        state = seq.state
-        n_tokens = state.prev_len if self.model.config.schedule == "lagged" else len(state.tail)
-        apply_sleep(state, result.memory, n_tokens, result.passes, result.seconds)
-        self._count_sleep(seq, n_tokens, result.passes, result.seconds)
-        if self.model.config.schedule == "hard":
-            self._install(seq, open_window(self.model, state)[0])
+    def _cross(self, seqs: list[Sequence]) -> None:
+        """Cross the boundary of each of `seqs` with its finished sleep (waiting for it if need be): swap
+        in the new memory and rebuild the window from it, all of them in one batch."""
+        if not seqs:
             return
-        state.prev_len = len(state.tail)
-        if (seq, True) in self._rows:  # the shadow row becomes the sequence's row
-            live = self._rows.index((seq, False))
-            keep = [row for row in range(len(self._rows)) if row != live]
-            self._cache = self._cache.select(keep)
-            self._rows = [
-                (s, False) if s is seq else (s, shadow) for s, shadow in (self._rows[r] for r in keep)
-            ]
-        else:
-            self._install(seq, seq.shadow)
-        seq.shadow = None
-        self._start_sleep(seq)  # the chunk that just completed
+        lagged = self.model.config.schedule == "lagged"
+        for seq in seqs:
+            assert seq.sleep is not None
+            result, seq.sleep = seq.sleep.result(), None
+            state = seq.state
+            n_tokens = state.prev_len if lagged else len(state.tail)
+            apply_sleep(state, result.memory, n_tokens, result.passes, result.seconds)
+            self._count_sleep(seq, n_tokens, result.passes, result.seconds)
+            if lagged:
+                state.prev_len = len(state.tail)  # the chunk that just completed stays visible
+        for seq, window in zip(seqs, open_windows(self.model, [s.state for s in seqs]), strict=True):
+            self._install(seq, window)
+            if lagged:
+                self._start_sleep(seq)  # the chunk that just completed
 
     def _settle(self, seq: Sequence) -> None:
         """Before a sequence ends: if it waits at a boundary, cross it (the session must be stored with
         a full chunk consolidated), waiting for the sleep if need be."""
         if seq.blocked_since is None:
             return
-        if seq.sleep is not None:
-            self._take_sleep(seq)
         self._unblock(seq)
+        self._cross([seq])
 
     def _count_sleep(self, seq: Sequence, tokens: int, passes: int, seconds: float) -> None:
         seq.stats.consolidated_tokens += tokens
@@ -627,7 +585,6 @@ class Engine:
             assert self.executor is not None
             self.executor.cancel_session(seq.id)
             seq.sleep = None
-        seq.slept = seq.shadow = None
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     # deterministic); "auto" chooses it per sleep in [min_passes, max_passes] from the slack to its
     # deadline (background only): deep when idle, shallow under load.
     sleep_mode: Literal["background", "inline"] = "background"
+    # Where a background sleep runs: a thread of this process ("thread": on CUDA in its own stream) or
+    # a child process ("process": on CPU it then never holds the decode loop's GIL). "auto": process
+    # on CPU, thread on CUDA.
+    sleep_worker: Literal["auto", "thread", "process"] = "auto"
     sleep_passes: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     # The idle trigger: consolidate a session's tail after this many idle seconds (None: off; needs a
     # checkpoint trained with variable chunk lengths), on this replica or ("remote") by `sleepserve
@@ -37,7 +41,7 @@ class Settings(BaseSettings):
     max_passes: int = Field(4, ge=1)
     max_waiting: int = Field(256, ge=0)  # requests queued for the batch; past it, 429
     max_running: int = Field(64, ge=1)  # sequences decoded together per step
-    prefill_chunk: int | None = Field(None, ge=1)  # prompt tokens per engine iteration; None: the window
+    prefill_chunk: int | None = Field(None, ge=1)  # prompt tokens per engine iteration; None: 4 windows
     max_tokens: int = Field(4096, ge=1)  # cap on max_tokens of one request (and its default)
     request_timeout: float = Field(600.0, gt=0)  # seconds from arrival to the last token
     session_ttl: float = Field(7 * 24 * 3600.0, gt=0)  # idle seconds before a stored session expires
@@ -61,6 +65,8 @@ class Settings(BaseSettings):
             raise ValueError(f"min_passes ({self.min_passes}) exceeds max_passes ({self.max_passes})")
         if self.idle_worker == "remote" and not self.store.startswith(("redis://", "rediss://")):
             raise ValueError("idle_worker=remote needs the Redis store")
+        if self.sleep_worker == "process" and self.device != "cpu":
+            raise ValueError("sleep_worker=process runs on CPU; on a GPU use thread (its own CUDA stream)")
         if self.sleep_passes == "auto" and self.sleep_mode != "background":
             raise ValueError("sleep_passes=auto (adaptive depth) needs sleep_mode=background")
         if isinstance(self.sleep_passes, int) and not self.min_passes <= self.sleep_passes <= self.max_passes:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -142,5 +144,56 @@ def test_a_failing_sleep_fails_its_future(model: HybridLM) -> None:
         with pytest.raises(Exception):  # noqa: B017 - whatever the model raises reaches the caller
             executor.submit(job).result(timeout=30)
         assert executor.submit(random_job(model, 9)).result(timeout=30).passes == 2  # still serving
+    finally:
+        executor.shutdown()
+
+
+def test_process_isolation_equals_model_sleep_and_survives_a_killed_child(model: HybridLM) -> None:
+    """The child-process sleeper gives the batched results of `model.sleep`; a child killed with
+    SIGKILL is restarted and the job still completes; an error in the child fails only its future."""
+    executor = SleepExecutor(model, max_batch=4, isolation="process")
+    try:
+        assert executor.calibrate(8) > 0
+        jobs = [random_job(model, seed) for seed in (21, 22, 23)]
+        results = [f.result(timeout=60) for f in [executor.submit(job) for job in jobs]]
+        for job, result in zip(jobs, results, strict=True):
+            for got, want in zip(result.memory, direct(model, job, 2), strict=True):
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        (sleeper,) = executor._sleepers
+        os.kill(sleeper._process.pid, signal.SIGKILL)
+        sleeper._process.join(timeout=10)
+        job = random_job(model, 24)
+        after_kill = executor.submit(job).result(timeout=60)
+        for got, want in zip(after_kill.memory, direct(model, job, 2), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        bad = random_job(model, 25)
+        bad.chunk[0] = model.config.vocab_size  # out of the embedding's range: raised in the child
+        with pytest.raises(IndexError):
+            executor.submit(bad).result(timeout=60)
+        assert executor.submit(random_job(model, 26)).result(timeout=60).passes == 2  # still serving
+    finally:
+        executor.shutdown()
+    assert not sleeper._process.is_alive()
+
+
+def test_work_ahead_counts_batches_not_jobs(model: HybridLM) -> None:
+    """Queued equal jobs will run as one batch, so the depth of the next job is chosen behind one batch
+    of them, not behind each one."""
+    now = 100.0
+    policy = DepthPolicy(1, 8, clock=lambda: now)
+    policy.seed(8, 0.01)  # 10 ms a pass over 8 tokens
+    gated = GatedModel(model)
+    executor = SleepExecutor(gated, max_batch=8, policy=policy, clock=lambda: now)  # type: ignore[arg-type]
+    try:
+        running = executor.submit(random_job(model, 0, tokens=8, passes=1, deadline=now))
+        assert gated.started.wait(10)
+        queued = [executor.submit(random_job(model, s, passes=2, deadline=now + 0.05)) for s in (1, 2, 3, 4)]
+        # ahead: the running batch (1 pass, 10 ms) and one batch of the four (2 passes, 20 ms): 30 ms of a
+        # 100 ms slack leaves 7 passes (counted job by job, 90 ms, it would leave 1).
+        chosen = executor.submit(random_job(model, 5, passes=None, deadline=now + 0.1))
+        gated.release.set()
+        assert chosen.result(timeout=30).passes == 7
+        assert [f.result(timeout=30).batch_size for f in queued] == [4, 4, 4, 4]
+        running.result(timeout=30)
     finally:
         executor.shutdown()

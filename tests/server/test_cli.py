@@ -28,6 +28,10 @@ def test_missing_checkpoint_fails_clearly(monkeypatch, capsys, tmp_path):
 def test_invalid_settings_and_commands(capsys):
     assert main(["serve", "--min-passes", "5", "--max-passes", "2"]) == 2
     assert "min_passes" in capsys.readouterr().err
+    assert main(["serve", "--sleep-worker", "process", "--device", "cuda"]) == 2
+    assert "sleep_worker=process runs on CPU" in capsys.readouterr().err
+    assert main(["serve", "--sleep-worker", "fork"]) == 2
+    assert "sleep_worker" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
     assert main(["--help"]) == 0

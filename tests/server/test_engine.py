@@ -18,14 +18,17 @@ from server.metrics import Metrics
 TOKENIZER = ByteTokenizer()
 
 
-@pytest.fixture(params=["inline", "background"])
+@pytest.fixture(params=["inline", "thread", "process"])
 async def make_engine(request):
-    """Engines that sleep on the decode thread, or on the scheduler's worker (the answers must agree)."""
+    """Engines that sleep on the decode thread, or on the scheduler's worker, a thread or a child
+    process (the answers must agree)."""
     engines: list[Engine] = []
 
     def make(model, start: bool = True, **kwargs) -> Engine:
         metrics = Metrics()
-        executor = SleepExecutor(model, metrics=metrics) if request.param == "background" else None
+        executor = None
+        if request.param != "inline":
+            executor = SleepExecutor(model, metrics=metrics, isolation=request.param)
         engine = Engine(model, passes=model.config.sleep_passes, metrics=metrics, executor=executor, **kwargs)
         engines.append(engine)
         if start:
