@@ -4,7 +4,9 @@ Rule 110 (10 cells, 2 strings, t uniform in 1–6, one filler window), a 2-layer
 width 64, 1000 steps of batch 128. Runs: `hard` N ∈ {1, 2, 4} and `lagged` N ∈ {1, 4}, three seeds
 each, plus a compute-matched control per seed (N = 1 trained for as many seconds as N = 4, by scaling
 its step count with the measured step times). Writes bench/results/reproduction.json and .png.
-Finished runs are kept in the JSON and skipped when the script is run again.
+Finished runs are kept in the JSON and skipped when the script is run again; an interrupted run resumes
+from its last evaluation. Processes started with different `--only` share the JSON (each run is merged
+in under a file lock), so the plan can be split over cores.
 
     python -m bench.reproduce            # or: make reproduce
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import math
 import statistics
@@ -38,7 +41,7 @@ def run_one(
     model_config = base.model.replace(schedule=schedule, sleep_passes=passes)
     config = dataclasses.replace(base, model=model_config, seed=seed, steps=steps, eval_every=steps)
     out = RUNS / run_name(schedule, passes, seed, control)
-    model = train(config, out)
+    model = train(config, out, resume=True)
     train_seconds = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["train_seconds"]
     (task,) = build_tasks(config)
     return {
@@ -164,19 +167,24 @@ def main(argv: list[str] | None = None) -> None:
 
     base = PRESETS["reproduce"]
     report = {"task": base.tasks, "config": {**base.to_dict(), "steps": args.steps}, "runs": []}
-    if args.out.exists():
-        report["runs"] = json.loads(args.out.read_text())["runs"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = args.out.with_suffix(".lock")
+
+    def write(run: dict | None = None) -> None:
+        """Merge the runs other processes wrote, add `run`, and write the JSON and the PNG."""
+        with lock_path.open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if args.out.exists():
+                report["runs"] = json.loads(args.out.read_text())["runs"]
+            if run is not None:
+                report["runs"].append(run)
+            if report["runs"]:
+                report["summary"] = summarise(report)
+                plot(report, args.out.with_suffix(".png"))
+            args.out.write_text(json.dumps(report, indent=2))
+
+    write()
     done = {run_name(r["schedule"], r["passes"], r["seed"], r["control"]) for r in report["runs"]}
-
-    def write() -> None:
-        report["summary"] = summarise(report)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
-        plot(report, args.out.with_suffix(".png"))
-
-    def record(run: dict) -> None:
-        report["runs"].append(run)
-        write()
 
     def wanted(name: str) -> bool:
         return args.only is None or name in args.only
@@ -184,15 +192,16 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for schedule, passes in PLAN:
             if run_name(schedule, passes, seed, False) not in done and wanted(f"{schedule}-n{passes}"):
-                record(run_one(base, schedule, passes, seed, args.steps, False, args.eval_per_t))
+                write(run_one(base, schedule, passes, seed, args.steps, False, args.eval_per_t))
         if run_name("hard", 1, seed, True) not in done and wanted("control"):
+            write()  # the N = 1 and N = 4 runs of this seed may come from another process
             seconds = {
                 r["passes"]: r["train_seconds"]
                 for r in report["runs"]
                 if r["seed"] == seed and r["schedule"] == "hard" and not r["control"]
             }
             steps = round(args.steps * seconds[4] / seconds[1])
-            record(run_one(base, "hard", 1, seed, steps, True, args.eval_per_t))
+            write(run_one(base, "hard", 1, seed, steps, True, args.eval_per_t))
     write()
     print(json.dumps(report["summary"], indent=2))
 

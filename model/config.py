@@ -31,6 +31,11 @@ class ModelConfig:
     schedule: Schedule = "lagged"
     sleep_passes: int = 2  # default N
     gdn_chunk_size: int = 32  # block size of the chunk-parallel gated delta rule
+    # Initial decay of the gdn memory: dt ~ logU(min, max) per head, α = exp(−A·dt) with A ~ U(1, 16)
+    # (Mamba2's range by default). A task whose facts must survive many sleep passes needs slow decay
+    # from the start, or the gradient never reaches the facts.
+    gdn_dt_min: float = 1e-3
+    gdn_dt_max: float = 1e-1
     # The lagged construction this model was trained with (design.md): the previous chunk is run once
     # more from M_{j-2} at each boundary, so its keys and values are exactly pass 1 of its sleep.
     lagged_construction: Literal["re-prefill"] = "re-prefill"

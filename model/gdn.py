@@ -43,9 +43,9 @@ class GatedDeltaNet(nn.Module):
         self.gate_proj = nn.Linear(config.d_model, H * V, bias=False)
         self.out_norm = nn.RMSNorm(V, eps=config.norm_eps)
         self.out = nn.Linear(H * V, config.d_model, bias=False)
-        # Mamba2 initialisation: A ~ U(1, 16), dt ~ logU(1e-3, 1e-1) stored as softplus⁻¹(dt).
+        # Mamba2 initialisation: A ~ U(1, 16), dt ~ logU(dt_min, dt_max) stored as softplus⁻¹(dt).
         self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
-        dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
+        dt = torch.exp(torch.empty(H).uniform_(math.log(config.gdn_dt_min), math.log(config.gdn_dt_max)))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
 
     def empty_conv(self, batch: int, like: Tensor) -> Tensor:

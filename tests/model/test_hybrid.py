@@ -216,3 +216,17 @@ def test_extend_refuses_window_overflow():
     cache = model.open_window(model.empty_memory(1))
     with pytest.raises(ValueError, match="window overflow"):
         model.extend(torch.zeros(1, model.config.window + 1, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("dt_range", [(1e-3, 1e-1), (1e-4, 1e-3)])
+def test_gdn_decay_starts_in_the_configured_range(dt_range):
+    """dt = softplus(dt_bias) starts within [gdn_dt_min, gdn_dt_max]; the draws are the same whatever the
+    range, so the other weights of a seed do not move with it."""
+    config = ModelConfig(gdn_heads=8, gdn_dt_min=dt_range[0], gdn_dt_max=dt_range[1])
+    torch.manual_seed(0)
+    model = HybridLM(config)
+    dt = F.softplus(model.blocks[1].mixer.dt_bias)
+    assert ((dt >= dt_range[0] * 0.999) & (dt <= dt_range[1] * 1.001)).all()
+    torch.manual_seed(0)
+    default = HybridLM(ModelConfig(gdn_heads=8))
+    torch.testing.assert_close(model.head.weight, default.head.weight)
