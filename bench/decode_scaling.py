@@ -4,7 +4,8 @@ full-attention transformer of the same width and depth that keeps its whole KV c
 The hybrid really is driven to each position (prefill with a sleep at every window boundary), so the
 latency it shows at 64k is the latency of a session that has consumed 64k tokens. The full-attention
 cache is filled with random keys and values: its cost depends on their number, not their values.
-Also times one sleep at N ∈ {1, 2, 4} against one prefill of the same chunk.
+Also times one sleep at N ∈ {1, 2, 4} against one prefill of the same chunk, and what a lagged boundary
+costs the decode loop when 8 sessions cross it in the same step (their batched re-prefill).
 
     python -m bench.decode_scaling            # writes bench/results/decode_scaling.{json,png}
 """
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from model.checkpoint import fingerprint
 from model.config import ModelConfig
 from model.hybrid import HybridLM
-from model.session import feed, new_state, open_window
+from model.session import feed, new_state, open_window, open_windows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -137,6 +138,25 @@ def sleep_costs(config: ModelConfig, passes_list: list[int], repeats: int) -> li
     ]
 
 
+@torch.no_grad()
+def boundary_costs(config: ModelConfig, sessions: int, repeats: int) -> dict:
+    """What a lagged boundary costs the decode loop when `sessions` sessions cross it in the same
+    step: the batched re-prefill of their windows (`open_windows`) against one decode step of them."""
+    torch.manual_seed(0)
+    model = HybridLM(config.replace(schedule="lagged")).eval()
+    states = [new_state(model) for _ in range(sessions)]
+    for state in states:
+        state.tail = torch.randint(0, 256, (config.window,)).tolist()
+    window = model.open_window(model.empty_memory(sessions))
+    _, window = model.extend(torch.randint(0, 256, (sessions, config.window)), window)
+    step = torch.randint(0, 256, (sessions, 1))  # written at the same slot each time: the window stays
+    return {
+        "sessions": sessions,
+        "decode_step_ms": time_ms(lambda: model.extend(step, window), repeats),
+        "re_prefill_ms": time_ms(lambda: open_windows(model, states), repeats),
+    }
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -190,12 +210,11 @@ def main(argv: list[str] | None = None) -> None:
         for row in sleep_costs(base.replace(schedule=s), [1, 2, 4], repeats=20)
     ]
 
+    boundary = boundary_costs(base, sessions=8, repeats=50)
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {"machine": machine(), "config": base.to_dict(), "results": results, "sleep": sleep}, indent=2
-        )
-    )
+    report = {"machine": machine(), "config": base.to_dict(), "results": results, "sleep": sleep}
+    args.out.write_text(json.dumps({**report, "lagged_boundary": boundary}, indent=2))
     plot(results, args.out.with_suffix(".png"))
     for row in results:
         print(
@@ -206,6 +225,10 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"sleep {row['schedule']:>6} N={row['passes']}: {row['sleep_ms']:.2f} ms = {ratio:.2f} × N × prefill"
         )
+    print(
+        f"lagged boundary, {boundary['sessions']} sessions crossing together: re-prefill "
+        f"{boundary['re_prefill_ms']:.2f} ms against a decode step of {boundary['decode_step_ms']:.2f} ms"
+    )
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 

@@ -334,20 +334,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for i, system in enumerate(result["systems"]):
         color = f"C{i}"
         xs = [p["context_tokens"] for p in system["by_context"]]
-        itl.plot(
-            xs,
-            [p["itl_p50_ms"] for p in system["by_context"]],
-            "o-",
-            color=color,
-            label=f"{system['name']} p50",
-        )
-        itl.plot(
-            xs,
-            [p["itl_p99_ms"] for p in system["by_context"]],
-            "s--",
-            color=color,
-            label=f"{system['name']} p99",
-        )
+        for quantile, style in (("p50", "o-"), ("p99", "s--")):
+            ys = [p[f"itl_{quantile}_ms"] for p in system["by_context"]]
+            itl.plot(xs, ys, style, color=color, label=f"{system['name']} {quantile}")
         ttft.plot(
             xs, [p["ttft_p50_ms"] for p in system["by_context"]], "o-", color=color, label=system["name"]
         )

@@ -49,14 +49,14 @@ class WindowCache:
                 )
         return WindowCache(layers, torch.cat([c.lengths for c in caches]))
 
-    def write_row(self, row: int, window: WindowCache) -> None:
-        """Overwrite one row of this batch with a single-session window, in place."""
+    def write_row(self, row: int, window: WindowCache, source: int = 0) -> None:
+        """Overwrite one row of this batch with row `source` of `window`, in place."""
         for mine, theirs in zip(self.layers, window.layers, strict=True):
             if isinstance(mine, KVCache):
-                mine.keys[row], mine.values[row] = theirs.keys[0], theirs.values[0]
+                mine.keys[row], mine.values[row] = theirs.keys[source], theirs.values[source]
             else:
-                mine.fast[row], mine.conv[row] = theirs.fast[0], theirs.conv[0]
-        self.lengths[row] = window.lengths[0]
+                mine.fast[row], mine.conv[row] = theirs.fast[source], theirs.conv[source]
+        self.lengths[row] = window.lengths[source]
 
     def select(self, rows: list[int] | Tensor) -> WindowCache:
         """The sub-batch of the given rows (copies)."""

@@ -45,9 +45,10 @@ def open_window(model: HybridLM, state: SessionState) -> tuple[WindowCache, Tens
     return cache, logits[0, -1]
 
 
-def open_windows(model: HybridLM, states: list[SessionState]) -> list[WindowCache]:
-    """`open_window` for several sessions at once (no logits): one batched prefill per tail length."""
-    windows: list[WindowCache | None] = [None] * len(states)
+def open_windows(model: HybridLM, states: list[SessionState]) -> list[tuple[WindowCache, int]]:
+    """`open_window` for several sessions at once (no logits): one batched prefill per tail length.
+    Returns, for each state, the batch of windows that holds its window and its row there."""
+    windows: list[tuple[WindowCache, int] | None] = [None] * len(states)
     by_length: dict[int, list[int]] = {}
     for i, state in enumerate(states):
         by_length.setdefault(len(state.tail), []).append(i)
@@ -61,7 +62,7 @@ def open_windows(model: HybridLM, states: list[SessionState]) -> list[WindowCach
             tokens = torch.tensor([states[i].tail for i in members], device=model.device)
             _, batch = model.extend(tokens, batch)
         for row, i in enumerate(members):
-            windows[i] = batch if len(members) == 1 else batch.select([row])
+            windows[i] = (batch, row)
     return windows  # type: ignore[return-value]
 
 

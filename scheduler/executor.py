@@ -114,12 +114,11 @@ class ProcessSleeper:
     """Runs `model.sleep` in a child process with a copy of the weights (CPU only). One call at a
     time; a child that dies is restarted and the call retried once."""
 
-    def __init__(self, model: HybridLM, threads: int = 1) -> None:
+    def __init__(self, model: HybridLM) -> None:
         if model.device.type != "cpu":
             raise ValueError("the process sleeper runs on CPU; on CUDA use the thread sleeper (own stream)")
         self._config = model.config.to_dict()
         self._weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
-        self._threads = threads
         self._lock = threading.Lock()
         self._start()
 
@@ -129,7 +128,7 @@ class ProcessSleeper:
         weights = {name: t.numpy() for name, t in self._weights.items()}
         self._process = context.Process(
             target=_serve_sleeps,
-            args=(child, self._config, weights, self._threads),
+            args=(child, self._config, weights),
             name="sleepserve-sleeper",
             daemon=True,
         )
@@ -164,9 +163,9 @@ class ProcessSleeper:
         self._conn.close()
 
 
-def _serve_sleeps(conn: Connection, config: dict, weights: dict, threads: int) -> None:
+def _serve_sleeps(conn: Connection, config: dict, weights: dict) -> None:
     """The child process of `ProcessSleeper`: answers (memory, chunk, passes) with the new memory."""
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # the sleeper takes one core beside the decode loop, no more
     model = HybridLM(ModelConfig.from_dict(config))
     model.load_state_dict({name: torch.from_numpy(array) for name, array in weights.items()})
     model.eval()

@@ -402,12 +402,13 @@ class Engine:
         assert self._cache is not None
         return self._cache.select([self._rows.index(seq)])
 
-    def _install(self, seq: Sequence, window: WindowCache) -> None:
-        """Make `window` the sequence's current window."""
-        if seq.cache is not None:
-            seq.cache = window
+    def _install(self, seq: Sequence, window: WindowCache, source: int = 0) -> None:
+        """Make row `source` of `window` the sequence's current window (copied once, into its row of
+        the batch when it is in the batch)."""
+        if seq.cache is None:
+            self._cache.write_row(self._rows.index(seq), window, source)
         else:
-            self._cache.write_row(self._rows.index(seq), window)
+            seq.cache = window if window.lengths.shape[0] == 1 else window.select([source])
 
     def _advance(self, seq: Sequence, tokens: list[int], logits: Tensor) -> bool:
         """Account for tokens the model has just processed, as `model.session.feed` does. Returns
@@ -505,8 +506,8 @@ class Engine:
             self._count_sleep(seq, n_tokens, result.passes, result.seconds)
             if lagged:
                 state.prev_len = len(state.tail)  # the chunk that just completed stays visible
-        for seq, window in zip(seqs, open_windows(self.model, [s.state for s in seqs]), strict=True):
-            self._install(seq, window)
+        for seq, (window, row) in zip(seqs, open_windows(self.model, [s.state for s in seqs]), strict=True):
+            self._install(seq, window, row)
             if lagged:
                 self._start_sleep(seq)  # the chunk that just completed
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.hybrid import HybridLM, WindowCache
-from model.session import feed, new_state, open_window
+from model.session import feed, new_state, open_window, open_windows
 
 SHAPES = {
     "small": dict(d_model=32, n_heads=2, head_dim=16, gdn_heads=2, gdn_key_dim=8, gdn_value_dim=16, window=8),
@@ -209,6 +209,26 @@ def test_batched_decode_equals_each_alone(schedule):
             assert torch.equal(mine.lengths, alone.lengths)
             for a, b in zip(mine.fast_weights(), alone.fast_weights(), strict=True):
                 assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_open_windows_equals_open_window_for_each_state():
+    """The batched rebuild of the engine's lagged boundaries gives each session the window that
+    `open_window` gives it alone, whatever the mix of tail lengths (grouped by length inside)."""
+    model = make_model("default-ish", "lagged")
+    states = []
+    for i, n in enumerate([16, 40, 16, 5, 40]):  # tails of 16, 24, 16, 5 and 24 tokens
+        state = new_state(model)
+        feed(model, state, open_window(model, state)[0], random_tokens(n, seed=30 + i))
+        states.append(state)
+    with torch.no_grad():
+        rebuilt = open_windows(model, states)
+        for state, (batch, row) in zip(states, rebuilt, strict=True):
+            alone = open_window(model, state)[0]
+            mine = batch.select([row])
+            assert int(mine.lengths[0]) == int(alone.lengths[0]) == len(state.tail)
+            for a, b in zip(mine.layers, alone.layers, strict=True):
+                for x, y in zip(vars(a).values(), vars(b).values(), strict=True):
+                    assert (x - y).abs().max() < 1e-5
 
 
 def test_extend_refuses_window_overflow():
