@@ -18,6 +18,11 @@ from torch import Tensor, nn
 from model.config import ModelConfig
 from model.gated_delta import gated_delta_chunk, gated_delta_recurrent
 
+# Up to this many tokens per call (decode steps, short prompt pieces) the per-token recurrence is
+# cheaper than the chunk-parallel form over a padded chunk (measured on CPU: an 8-session extend of 4
+# tokens 1.5 ms against 1.9 ms; at 8 tokens the chunk form wins).
+RECURRENT_TOKENS = 6
+
 
 @dataclass
 class FastWeightCache:
@@ -72,7 +77,7 @@ class GatedDeltaNet(nn.Module):
         v = v.view(B, T, H, V)
         g = -self.A_log.exp() * F.softplus(self.decay_proj(x) + self.dt_bias)  # [B, T, H] log α
         beta = torch.sigmoid(self.beta_proj(x))  # [B, T, H]
-        if T == 1:
+        if T <= RECURRENT_TOKENS:  # a few tokens: the recurrence is fewer ops than one padded chunk
             o, fast = gated_delta_recurrent(q, k, v, g, beta, fast)
         else:
             o, fast = gated_delta_chunk(q, k, v, g, beta, fast, self.chunk_size)

@@ -187,7 +187,11 @@ def _serve_sleeps(conn: Connection, config: dict, weights: dict) -> None:
 
 class SleepExecutor:
     """Runs consolidation jobs on `workers` threads, batching up to `max_batch` equal jobs. With
-    isolation="process" each worker thread hands its batches to a child process of its own."""
+    isolation="process" each worker thread hands its batches to a child process of its own.
+    `batch_wait`: how long (seconds, of the real clock) a worker may hold the earliest job back for
+    equal jobs to join its batch, as when sessions cross their boundaries a step apart; only while the
+    job can still finish by its deadline (so never a job due now), and no longer once the batch is full.
+    """
 
     def __init__(
         self,
@@ -198,11 +202,12 @@ class SleepExecutor:
         policy: DepthPolicy | None = None,
         metrics: SleepMetrics | None = None,
         isolation: Isolation = "thread",
+        batch_wait: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_batch < 1 or workers < 1:
-            raise ValueError("max_batch and workers must be positive")
-        self.model, self.max_batch, self.clock = model, max_batch, clock
+        if max_batch < 1 or workers < 1 or batch_wait < 0:
+            raise ValueError("max_batch and workers must be positive, batch_wait not negative")
+        self.model, self.max_batch, self.batch_wait, self.clock = model, max_batch, batch_wait, clock
         self.policy, self.metrics = policy, metrics
         self._sleepers: list[LocalSleeper | ProcessSleeper] = [
             ProcessSleeper(model) if isolation == "process" else LocalSleeper(model) for _ in range(workers)
@@ -238,25 +243,36 @@ class SleepExecutor:
         return best
 
     def submit(self, job: ConsolidationJob) -> Future[SleepResult]:
-        """Queue `job` and return the future of its result. A job without `passes` gets the policy's
-        choice now (from its slack and the work queued ahead of it)."""
-        if not job.chunk:
-            raise ValueError("a consolidation job needs at least one token")
-        if job.passes is None:
-            if self.policy is None:
+        """Queue `job` and return the future of its result (see `submit_all`)."""
+        return self.submit_all([job])[0]
+
+    def submit_all(self, jobs: list[ConsolidationJob]) -> list[Future[SleepResult]]:
+        """Queue `jobs` at once and return the futures of their results: no worker starts on the first
+        before the last is queued, so equal ones run as one batch. A job without `passes` gets the
+        policy's choice now (from its slack and the work queued ahead of it, the jobs before it in
+        this list included)."""
+        if not jobs:
+            return []
+        for job in jobs:
+            if not job.chunk:
+                raise ValueError("a consolidation job needs at least one token")
+            if job.passes is None and self.policy is None:
                 raise ValueError("job.passes is None and the executor has no depth policy")
-            job.passes = self.policy.choose(job.tokens, job.deadline, self._work_ahead(job.deadline))
-        if job.passes < 1:
-            raise ValueError(f"sleep needs at least one pass, got {job.passes}")
-        future: Future[SleepResult] = Future()
+            if job.passes is not None and job.passes < 1:
+                raise ValueError(f"sleep needs at least one pass, got {job.passes}")
+        futures: list[Future[SleepResult]] = []
         with self._cond:
             if self._closed:
                 raise RuntimeError("the sleep executor is shut down")
-            self._futures[job.id] = future
-            self._queue.push(job)
+            for job in jobs:
+                if job.passes is None:
+                    job.passes = self._choose_passes(job)
+                futures.append(Future())
+                self._futures[job.id] = futures[-1]
+                self._queue.push(job)
             self._set_depth()
-            self._cond.notify()
-        return future
+            self._cond.notify_all()
+        return futures
 
     def cancel_session(self, session: str) -> int:
         """Drop the queued jobs of `session` (their futures are cancelled); a running one finishes.
@@ -285,6 +301,27 @@ class SleepExecutor:
 
     # -- workers ------------------------------------------------------------------------------------
 
+    def _choose_passes(self, job: ConsolidationJob) -> int:
+        """The policy's depth for `job`, or that of a deeper queued batch of equal chunks with room
+        for it: riding along costs that batch almost nothing, where a batch of its own would cost a
+        whole batch and make everything behind it later. It rides along only if it still finishes by
+        its deadline: after the work due before it, plus that batch's own cost where the batch was
+        not due before it (EDF then runs the batch at the job's turn)."""
+        assert self.policy is not None
+        ahead = self._work_ahead(job.deadline)
+        chosen = self.policy.choose(job.tokens, job.deadline, ahead)
+        batches: dict[int, list[float]] = {}  # passes -> deadlines of the queued equal jobs
+        for j in self._queue.snapshot():
+            if j.tokens == job.tokens and j.passes is not None:
+                batches.setdefault(j.passes, []).append(j.deadline)
+        for passes, deadlines in sorted(batches.items(), reverse=True):
+            if passes <= chosen or not len(deadlines) % self.max_batch:
+                continue
+            own = 0.0 if min(deadlines) <= job.deadline else self.policy.estimate(job.tokens, passes)
+            if self.clock() + ahead + own <= job.deadline:
+                return passes
+        return chosen
+
     def _work_ahead(self, deadline: float) -> float:
         """Estimated seconds of queued and running work that runs before a job due at `deadline`.
         Equal jobs run as one batch, and a small batch costs about what one job does (the per-pass
@@ -306,9 +343,13 @@ class SleepExecutor:
     def _work(self, sleeper: LocalSleeper | ProcessSleeper) -> None:
         while True:
             with self._cond:
-                while not len(self._queue) and not self._closed:
-                    self._cond.wait()
-                batch = self._queue.pop_batch(self.max_batch)
+                while True:
+                    while not len(self._queue) and not self._closed:
+                        self._cond.wait()
+                    self._wait_for_batch()
+                    batch = self._queue.pop_batch(self.max_batch)
+                    if batch or self._closed:
+                        break  # else the jobs it waited on were cancelled meanwhile
                 if not batch:
                     return  # closed and drained
                 items = [(job, self._futures.pop(job.id)) for job in batch]
@@ -322,6 +363,21 @@ class SleepExecutor:
                 with self._cond:
                     for job, _ in items:
                         self._running.pop(job.id, None)
+
+    def _wait_for_batch(self) -> None:
+        """Hold the earliest job back (see `batch_wait`); called with `_cond` held."""
+        started = time.monotonic()
+        while self.batch_wait and not self._closed:
+            queued = self._queue.snapshot()
+            if not queued:  # cancelled meanwhile
+                return
+            first = queued[0]
+            equal = sum((j.tokens, j.passes) == (first.tokens, first.passes) for j in queued)
+            cost = self.policy.estimate(first.tokens, first.passes or 1) if self.policy else 0.0
+            left = min(self.batch_wait - (time.monotonic() - started), first.deadline - self.clock() - cost)
+            if left <= 0 or equal >= self.max_batch:
+                return
+            self._cond.wait(left)
 
     def _run(
         self,

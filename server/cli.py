@@ -45,6 +45,7 @@ SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
         str,
         "sleep passes N, or auto: adaptive in [min, max] (default: the checkpoint's N)",
     ),
+    ("--sleep-batch-wait", "sleep_batch_wait", float, "seconds a sleep may wait for others to batch with"),
     ("--idle-consolidation", "idle_consolidation", float, "consolidate a session idle this many seconds"),
     ("--idle-worker", "idle_worker", str, "local | remote (sleepserve worker, via the Redis Stream)"),
     ("--min-passes", "min_passes", int, "smallest N"),

@@ -77,7 +77,9 @@ def build_server(settings: Settings, model: HybridLM | None = None) -> Server:
         isolation = settings.sleep_worker
         if isolation == "auto":
             isolation = "process" if model.device.type == "cpu" else "thread"
-        executor = SleepExecutor(model, policy=policy, metrics=metrics, isolation=isolation)
+        executor = SleepExecutor(
+            model, policy=policy, metrics=metrics, isolation=isolation, batch_wait=settings.sleep_batch_wait
+        )
         executor.calibrate(config.window)
     store = open_store(
         settings.store, session_ttl=settings.session_ttl, max_bytes=settings.store_max_bytes, metrics=metrics

@@ -322,7 +322,7 @@ class Engine:
             self.running.append(seq)  # first: should the window fail to open, the request fails visibly
             seq.cache, seq.logits = open_window(self.model, seq.state)
             if self.executor is not None and seq.state.prev_len:
-                self._start_sleep(seq)  # a resumed lagged session: its previous chunk is not slept yet
+                self._start_sleeps([seq])  # a resumed lagged session: its previous chunk is not slept yet
 
     def _prefill(self) -> int:
         """Feed prompt tokens: one piece per sequence still reading its prompt (up to its chunk's
@@ -426,18 +426,21 @@ class Engine:
             for seq in seqs:
                 self._consolidate_inline(seq)
             return
-        ready = []
+        hard = self.model.config.schedule == "hard"
+        starting, crossing = [], []
         for seq in seqs:
-            state = seq.state
-            if self.model.config.schedule == "lagged" and not state.prev_len:
-                state.prev_len = len(state.tail)  # the first chunk stays visible; its sleep starts now
-                self._start_sleep(seq)
-                continue
-            if self.model.config.schedule == "hard":
-                if self.passes == 1:  # N = 1: the wake pass was the sleep, nothing to wait for
-                    self._consolidate_inline(seq)
-                    continue
-                self._start_sleep(seq)
+            if not hard and not seq.state.prev_len:
+                seq.state.prev_len = len(seq.state.tail)  # the first chunk stays visible; it sleeps now
+                starting.append(seq)
+            elif hard and self.passes == 1:  # N = 1: the wake pass was the sleep, nothing to wait for
+                self._consolidate_inline(seq)
+            else:
+                crossing.append(seq)
+                if hard:
+                    starting.append(seq)
+        self._start_sleeps(starting)
+        ready = []
+        for seq in crossing:
             assert seq.sleep is not None
             if seq.sleep.done():
                 ready.append(seq)
@@ -459,17 +462,23 @@ class Engine:
         if seq.generated:
             self.metrics.decode_stall.observe(time.perf_counter() - start)
 
-    def _start_sleep(self, seq: Sequence) -> None:
-        """Submit the sleep on the tail's first chunk: the previous chunk (lagged, due at the next
-        boundary) or the full current one (hard, due now)."""
+    def _start_sleeps(self, seqs: list[Sequence]) -> None:
+        """Submit, all at once (so that equal ones run as one batch), the sleep on each tail's first
+        chunk: the previous chunk (lagged, due at the next boundary) or the full current one (hard,
+        due now)."""
+        if not seqs:
+            return
         assert self.executor is not None
-        state, model = seq.state, self.model
-        n_tokens = state.prev_len if model.config.schedule == "lagged" else len(state.tail)
-        deadline = sleep_deadline(
-            model.config.schedule, time.monotonic(), room_in_chunk(model, state), seq.rate.rate
-        )
-        job = ConsolidationJob(seq.id, state.tail[:n_tokens], list(state.memory), self.passes, deadline)
-        seq.sleep = self.executor.submit(job)
+        model, now, jobs = self.model, time.monotonic(), []
+        for seq in seqs:
+            state = seq.state
+            n_tokens = state.prev_len if model.config.schedule == "lagged" else len(state.tail)
+            deadline = sleep_deadline(model.config.schedule, now, room_in_chunk(model, state), seq.rate.rate)
+            jobs.append(
+                ConsolidationJob(seq.id, state.tail[:n_tokens], list(state.memory), self.passes, deadline)
+            )
+        for seq, future in zip(seqs, self.executor.submit_all(jobs), strict=True):
+            seq.sleep = future
 
     def _collect_sleeps(self) -> None:
         """Let the sequences that wait at a boundary for their sleep go on once it is done."""
@@ -508,8 +517,8 @@ class Engine:
                 state.prev_len = len(state.tail)  # the chunk that just completed stays visible
         for seq, (window, row) in zip(seqs, open_windows(self.model, [s.state for s in seqs]), strict=True):
             self._install(seq, window, row)
-            if lagged:
-                self._start_sleep(seq)  # the chunk that just completed
+        if lagged:
+            self._start_sleeps(seqs)  # on the chunks that just completed
 
     def _settle(self, seq: Sequence) -> None:
         """Before a sequence ends: if it waits at a boundary, cross it (the session must be stored with

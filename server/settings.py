@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     idle_consolidation: float | None = Field(None, gt=0)
     idle_worker: Literal["local", "remote"] = "local"
     sleep_stream: str = "sleepserve:sleep-jobs"
+    # Seconds a background sleep may wait for equal ones to join its batch (sessions crossing their
+    # boundaries a step apart), while it still finishes by its deadline.
+    sleep_batch_wait: float = Field(0.005, ge=0)
     min_passes: int = Field(1, ge=1)
     max_passes: int = Field(4, ge=1)
     max_waiting: int = Field(256, ge=0)  # requests queued for the batch; past it, 429

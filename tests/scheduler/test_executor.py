@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -47,6 +49,25 @@ class GatedModel:
 
 def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
     return metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+@contextlib.contextmanager
+def busy_executor(model: HybridLM, max_batch: int) -> Iterator[tuple[SleepExecutor, GatedModel, float]]:
+    """An executor whose clock stands still at `now` and whose policy costs a pass over 8 tokens 10 ms,
+    its worker busy on a first 1-pass job until `gated.release` is set (jobs queue up meanwhile)."""
+    now = 100.0
+    policy = DepthPolicy(1, 8, clock=lambda: now)
+    policy.seed(8, 0.01)
+    gated = GatedModel(model)
+    executor = SleepExecutor(gated, max_batch=max_batch, policy=policy, clock=lambda: now)  # type: ignore[arg-type]
+    try:
+        running = executor.submit(random_job(model, 0, tokens=8, passes=1, deadline=now))
+        assert gated.started.wait(10)
+        yield executor, gated, now
+        running.result(timeout=30)
+    finally:
+        gated.release.set()
+        executor.shutdown()
 
 
 def test_results_equal_model_sleep_and_metrics_count(model: HybridLM) -> None:
@@ -176,17 +197,72 @@ def test_process_isolation_equals_model_sleep_and_survives_a_killed_child(model:
     assert not sleeper._process.is_alive()
 
 
+def test_jobs_submitted_together_run_as_one_batch(model: HybridLM) -> None:
+    """An idle worker does not start on the first of `submit_all`'s jobs alone."""
+    executor = SleepExecutor(model, max_batch=8)
+    try:
+        futures = executor.submit_all([random_job(model, seed, passes=2) for seed in range(5)])
+        assert [f.result(timeout=30).batch_size for f in futures] == [5] * 5
+    finally:
+        executor.shutdown()
+
+
+def test_batch_wait_lets_equal_jobs_submitted_a_moment_later_join(model: HybridLM) -> None:
+    """With `batch_wait`, a job with slack is held back briefly so that an equal job submitted a step
+    later runs in its batch; a job due now is never held, and a full batch starts at once."""
+    executor = SleepExecutor(model, max_batch=3, batch_wait=0.5)
+    try:
+        soon = time.monotonic() + 60.0
+        first = executor.submit(random_job(model, 1, passes=2, deadline=soon))
+        time.sleep(0.05)
+        second = executor.submit(random_job(model, 2, passes=2, deadline=soon))
+        assert [f.result(timeout=30).batch_size for f in (first, second)] == [2, 2]
+        start = time.monotonic()
+        due_now = executor.submit(random_job(model, 3, passes=2, deadline=time.monotonic()))
+        assert due_now.result(timeout=30).batch_size == 1 and time.monotonic() - start < 0.4
+        start = time.monotonic()
+        full = executor.submit_all([random_job(model, s, passes=2, deadline=soon) for s in (4, 5, 6)])
+        assert [f.result(timeout=30).batch_size for f in full] == [3] * 3
+        assert time.monotonic() - start < 0.4
+        held = executor.submit(random_job(model, 7, passes=2, deadline=soon))
+        time.sleep(0.05)
+        assert executor.cancel_session("s7") == 1 and held.cancelled()  # cancelled while held back
+        time.sleep(0.6)  # the worker finds the queue empty at the end of its wait: it must go on serving
+        assert executor.submit(random_job(model, 8, passes=2, deadline=soon)).result(timeout=30).passes == 2
+    finally:
+        executor.shutdown()
+
+
+def test_a_job_rides_along_with_a_deeper_queued_batch_that_has_room(model: HybridLM) -> None:
+    """Joining a queued batch of equal chunks costs it nearly nothing, so a job whose own slack would
+    allow fewer passes takes that batch's depth when it still finishes in time; a full batch, a
+    deadline already out of reach, or a batch due later whose own passes would not fit leave the
+    policy's choice."""
+    with busy_executor(model, max_batch=3) as (executor, gated, now):
+        deep = [executor.submit(random_job(model, s, passes=6, deadline=now + 0.08)) for s in (1, 2)]
+        # the running pass (10 ms) alone is already past this one's deadline: the policy's 1 pass
+        late = executor.submit(random_job(model, 3, passes=None, deadline=now + 0.005))
+        # ahead: 10 ms running, the late pass and 60 ms of the deep batch: 40 ms left, 4 passes alone
+        rider = executor.submit(random_job(model, 4, passes=None, deadline=now + 0.12))
+        # the deep batch is now full (3 of 3), and the late pass is ahead too: 40 ms left, the policy's 4
+        alone = executor.submit(random_job(model, 5, passes=None, deadline=now + 0.12))
+        # a batch due after this job would run at its turn, its 2 passes included: 10 + 10 ms ahead
+        # + 20 ms misses 35 ms, so the job keeps the policy's 1 pass (15 ms of slack)
+        later = [executor.submit(random_job(model, s, passes=2, deadline=now + 1.0)) for s in (6, 7)]
+        too_deep = executor.submit(random_job(model, 8, passes=None, deadline=now + 0.035))
+        gated.release.set()
+        assert late.result(timeout=30).passes == 1
+        assert rider.result(timeout=30).passes == 6 and rider.result().batch_size == 3
+        assert alone.result(timeout=30).passes == 4
+        assert too_deep.result(timeout=30).passes == 1
+        assert [f.result(timeout=30).batch_size for f in later] == [2, 2]
+        assert [f.result(timeout=30).batch_size for f in deep] == [3, 3]
+
+
 def test_work_ahead_counts_batches_not_jobs(model: HybridLM) -> None:
     """Queued equal jobs will run as one batch, so the depth of the next job is chosen behind one batch
     of them, not behind each one."""
-    now = 100.0
-    policy = DepthPolicy(1, 8, clock=lambda: now)
-    policy.seed(8, 0.01)  # 10 ms a pass over 8 tokens
-    gated = GatedModel(model)
-    executor = SleepExecutor(gated, max_batch=8, policy=policy, clock=lambda: now)  # type: ignore[arg-type]
-    try:
-        running = executor.submit(random_job(model, 0, tokens=8, passes=1, deadline=now))
-        assert gated.started.wait(10)
+    with busy_executor(model, max_batch=8) as (executor, gated, now):
         queued = [executor.submit(random_job(model, s, passes=2, deadline=now + 0.05)) for s in (1, 2, 3, 4)]
         # ahead: the running batch (1 pass, 10 ms) and one batch of the four (2 passes, 20 ms): 30 ms of a
         # 100 ms slack leaves 7 passes (counted job by job, 90 ms, it would leave 1).
@@ -194,6 +270,3 @@ def test_work_ahead_counts_batches_not_jobs(model: HybridLM) -> None:
         gated.release.set()
         assert chosen.result(timeout=30).passes == 7
         assert [f.result(timeout=30).batch_size for f in queued] == [4, 4, 4, 4]
-        running.result(timeout=30)
-    finally:
-        executor.shutdown()
