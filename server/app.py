@@ -62,6 +62,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if server.turns.idle is not None:
             await server.turns.idle.close()
         await server.store.close()
+        gc.unfreeze()  # an app made and dropped in one process (tests) leaves nothing uncollectable
         log.info("engine stopped, sessions saved")
 
 
