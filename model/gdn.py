@@ -19,8 +19,9 @@ from model.config import ModelConfig
 from model.gated_delta import gated_delta_chunk, gated_delta_recurrent
 
 # Up to this many tokens per call (decode steps, short prompt pieces) the per-token recurrence is
-# cheaper than the chunk-parallel form over a padded chunk (measured on CPU: an 8-session extend of 4
-# tokens 1.5 ms against 1.9 ms; at 8 tokens the chunk form wins).
+# cheaper than the chunk-parallel form over a padded chunk (a one-off timing on 2 CPU cores: an
+# 8-session extend of 4 tokens 1.5 ms against 1.9 ms; at 8 tokens the chunk form won). Both forms are
+# the same function (tests/model/test_gated_delta.py), so this only moves cost.
 RECURRENT_TOKENS = 6
 
 

@@ -343,13 +343,7 @@ class SleepExecutor:
     def _work(self, sleeper: LocalSleeper | ProcessSleeper) -> None:
         while True:
             with self._cond:
-                while True:
-                    while not len(self._queue) and not self._closed:
-                        self._cond.wait()
-                    self._wait_for_batch()
-                    batch = self._queue.pop_batch(self.max_batch)
-                    if batch or self._closed:
-                        break  # else the jobs it waited on were cancelled meanwhile
+                batch = self._next_batch()
                 if not batch:
                     return  # closed and drained
                 items = [(job, self._futures.pop(job.id)) for job in batch]
@@ -364,6 +358,17 @@ class SleepExecutor:
                     for job, _ in items:
                         self._running.pop(job.id, None)
 
+    def _next_batch(self) -> list[ConsolidationJob]:
+        """The next batch to run, held back up to `batch_wait`; empty once closed and drained. Called
+        with `_cond` held."""
+        while True:
+            while not len(self._queue) and not self._closed:
+                self._cond.wait()
+            self._wait_for_batch()
+            batch = self._queue.pop_batch(self.max_batch)
+            if batch or self._closed:
+                return batch  # else the jobs it waited on were cancelled meanwhile: wait again
+
     def _wait_for_batch(self) -> None:
         """Hold the earliest job back (see `batch_wait`); called with `_cond` held."""
         started = time.monotonic()
@@ -372,7 +377,7 @@ class SleepExecutor:
             if not queued:  # cancelled meanwhile
                 return
             first = queued[0]
-            equal = sum((j.tokens, j.passes) == (first.tokens, first.passes) for j in queued)
+            equal = sum(j.shape == first.shape for j in queued)
             cost = self.policy.estimate(first.tokens, first.passes or 1) if self.policy else 0.0
             left = min(self.batch_wait - (time.monotonic() - started), first.deadline - self.clock() - cost)
             if left <= 0 or equal >= self.max_batch:

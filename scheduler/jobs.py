@@ -37,6 +37,11 @@ class ConsolidationJob:
     def tokens(self) -> int:
         return len(self.chunk)
 
+    @property
+    def shape(self) -> tuple[int, int | None]:
+        """Jobs of equal shape (chunk length, passes) run as one batched sleep."""
+        return self.tokens, self.passes
+
 
 class JobQueue:
     """Thread-safe EDF queue: earliest deadline first, ties in enqueue order."""
@@ -60,7 +65,7 @@ class JobQueue:
             batch, rest = [first], []
             for entry in sorted(self._heap):
                 job = entry[2]
-                if len(batch) < max_batch and (job.tokens, job.passes) == (first.tokens, first.passes):
+                if len(batch) < max_batch and job.shape == first.shape:
                     batch.append(job)
                 else:
                     rest.append(entry)

@@ -94,6 +94,30 @@ class RedisServer:
         self.process = None
 
 
+# -- gated delta rule inputs (model and GPU tests) ---------------------------------------------------
+
+
+def random_inputs(B, T, H, K, V, seed, zero_state=False):
+    """q, k (L2-normalised), v, log α (near 0, as trained decays are), β and an initial state."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+    v = torch.randn(B, T, H, V, generator=g)
+    log_alpha = F.logsigmoid(torch.randn(B, T, H, generator=g) + 3)
+    beta = torch.rand(B, T, H, generator=g)
+    state = torch.zeros(B, H, K, V) if zero_state else torch.randn(B, H, K, V, generator=g)
+    return q, k, v, log_alpha, beta, state
+
+
+def rel_err(a, b) -> float:
+    """‖a − b‖ / ‖b‖, on the CPU in fp32 (either may live on a GPU)."""
+    a, b = a.float().cpu(), b.float().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
 # -- tiny checkpoints (server tests) --------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 import torch
-from support import tiny_model
+from support import random_inputs, rel_err, tiny_model
 
 from model.gated_delta import gated_delta_chunk, gated_delta_recurrent
 from model.session import feed, generate, new_state, open_window
@@ -33,20 +33,11 @@ def on_cuda(model):
     return twin.to(CUDA)
 
 
-def rel_err(a, b):
-    return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
-
-
 @pytest.mark.parametrize(
     "B,T,H,K,V,chunk", [(1, 1, 1, 8, 8, 4), (2, 37, 3, 16, 24, 8), (3, 130, 2, 32, 32, 32)]
 )
 def test_chunk_matches_recurrent_on_cuda(B, T, H, K, V, chunk):
-    g = torch.Generator().manual_seed(T)
-    q = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
-    v = torch.randn(B, T, H, V, generator=g)
-    log_alpha = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=g) + 3)
-    beta, state = torch.rand(B, T, H, generator=g), torch.randn(B, H, K, V, generator=g)
+    q, k, v, log_alpha, beta, state = random_inputs(B, T, H, K, V, seed=T)
     inputs = [x.to(CUDA) for x in (q, k, v, log_alpha, beta, state)]
     o_rec, s_rec = gated_delta_recurrent(*inputs)
     o_chunk, s_chunk = gated_delta_chunk(*inputs, chunk_size=chunk)

@@ -2,24 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
+from support import random_inputs, rel_err
 
 from model.gated_delta import gated_delta_chunk, gated_delta_recurrent
-
-
-def random_inputs(B, T, H, K, V, seed, zero_state=False):
-    g = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
-    k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
-    v = torch.randn(B, T, H, V, generator=g)
-    log_alpha = F.logsigmoid(torch.randn(B, T, H, generator=g) + 3)  # α near 1, as trained decays are
-    beta = torch.rand(B, T, H, generator=g)
-    state = torch.zeros(B, H, K, V) if zero_state else torch.randn(B, H, K, V, generator=g)
-    return q, k, v, log_alpha, beta, state
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize(
