@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import multiprocessing
 import threading
 import time
@@ -229,18 +228,22 @@ class SleepExecutor:
         return len(self._queue)
 
     def calibrate(self, tokens: int, repeats: int = 2) -> float:
-        """Time one pass over a chunk of `tokens` tokens through a worker's sleeper (a child process
-        included) and seed the policy with it. Returns seconds per pass."""
-        memory = self.model.empty_memory(1)
-        chunk = torch.zeros(1, tokens, dtype=torch.long, device=self.model.device)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self._sleepers[0](memory, chunk, 1)
-            best = min(best, time.perf_counter() - start)
-        if self.policy is not None:
-            self.policy.seed(tokens, best)
-        return best
+        """Time one pass over a chunk of `tokens` tokens, alone and in a full batch, through a worker's
+        sleeper (a child process included) and seed the policy with both. Returns the seconds of one
+        pass over one chunk."""
+        timings = {}
+        for rows in sorted({1, self.max_batch}):
+            memory = self.model.empty_memory(rows)
+            chunk = torch.zeros(rows, tokens, dtype=torch.long, device=self.model.device)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self._sleepers[0](memory, chunk, 1)
+                best = min(best, time.perf_counter() - start)
+            timings[rows] = best
+            if self.policy is not None:
+                self.policy.seed(tokens, best, rows)
+        return timings[1]
 
     def submit(self, job: ConsolidationJob) -> Future[SleepResult]:
         """Queue `job` and return the future of its result (see `submit_all`)."""
@@ -261,12 +264,13 @@ class SleepExecutor:
             if job.passes is not None and job.passes < 1:
                 raise ValueError(f"sleep needs at least one pass, got {job.passes}")
         futures: list[Future[SleepResult]] = []
+        together = Counter(job.tokens for job in jobs)  # equal chunks queued at once run as one batch
         with self._cond:
             if self._closed:
                 raise RuntimeError("the sleep executor is shut down")
             for job in jobs:
                 if job.passes is None:
-                    job.passes = self._choose_passes(job)
+                    job.passes = self._choose_passes(job, min(together[job.tokens], self.max_batch))
                 futures.append(Future())
                 self._futures[job.id] = futures[-1]
                 self._queue.push(job)
@@ -301,39 +305,46 @@ class SleepExecutor:
 
     # -- workers ------------------------------------------------------------------------------------
 
-    def _choose_passes(self, job: ConsolidationJob) -> int:
-        """The policy's depth for `job`, or that of a deeper queued batch of equal chunks with room
-        for it: riding along costs that batch almost nothing, where a batch of its own would cost a
-        whole batch and make everything behind it later. It rides along only if it still finishes by
-        its deadline: after the work due before it, plus that batch's own cost where the batch was
-        not due before it (EDF then runs the batch at the job's turn)."""
+    def _choose_passes(self, job: ConsolidationJob, rows: int) -> int:
+        """The policy's depth for `job` in a batch of `rows` equal chunks, or that of a deeper queued
+        batch of equal chunks with room for it: riding along costs that batch little, where a batch of
+        its own would cost a whole batch and make everything behind it later. It rides along only if
+        it still finishes by its deadline: after the work due before it, plus that batch's own cost
+        (one row more) where the batch was not due before it (EDF then runs the batch at the job's
+        turn)."""
         assert self.policy is not None
         ahead = self._work_ahead(job.deadline)
-        chosen = self.policy.choose(job.tokens, job.deadline, ahead)
+        chosen = self.policy.choose(job.tokens, job.deadline, ahead, rows)
         batches: dict[int, list[float]] = {}  # passes -> deadlines of the queued equal jobs
         for j in self._queue.snapshot():
             if j.tokens == job.tokens and j.passes is not None:
                 batches.setdefault(j.passes, []).append(j.deadline)
         for passes, deadlines in sorted(batches.items(), reverse=True):
-            if passes <= chosen or not len(deadlines) % self.max_batch:
+            room = len(deadlines) % self.max_batch
+            if passes <= chosen or not room:
                 continue
-            own = 0.0 if min(deadlines) <= job.deadline else self.policy.estimate(job.tokens, passes)
+            due_later = min(deadlines) > job.deadline
+            own = self.policy.estimate(job.tokens, passes, room + 1) if due_later else 0.0
             if self.clock() + ahead + own <= job.deadline:
                 return passes
         return chosen
 
     def _work_ahead(self, deadline: float) -> float:
-        """Estimated seconds of queued and running work that runs before a job due at `deadline`.
-        Equal jobs run as one batch, and a small batch costs about what one job does (the per-pass
-        overhead dominates), so the work is counted in batches, not in jobs."""
+        """Planned seconds of queued and running work that runs before a job due at `deadline`. Equal
+        jobs run as one batch (of up to `max_batch`), which costs far less than its jobs one by one,
+        so the work is counted in batches of their sizes, not in jobs."""
         assert self.policy is not None
         with self._cond:
             queued = [j for j in self._queue.snapshot() if j.deadline <= deadline]
             running = list(self._running.values())
-        shapes = Counter((j.tokens, j.passes or self.policy.min_passes) for j in queued)
-        batches = [(shape, math.ceil(count / self.max_batch)) for shape, count in shapes.items()]
-        batches += [(shape, 1) for shape in {(j.tokens, j.passes or self.policy.min_passes) for j in running}]
-        total = sum(count * self.policy.estimate(*shape) for shape, count in batches)
+        total = 0.0
+        for jobs in (queued, running):
+            for (tokens, passes), count in Counter(
+                (j.tokens, j.passes or self.policy.min_passes) for j in jobs
+            ).items():
+                full, rest = divmod(count, self.max_batch)
+                total += full * self.policy.estimate(tokens, passes, self.max_batch)
+                total += self.policy.estimate(tokens, passes, rest) if rest else 0.0
         return total / len(self._threads)
 
     def _set_depth(self) -> None:
@@ -378,7 +389,7 @@ class SleepExecutor:
                 return
             first = queued[0]
             equal = sum(j.shape == first.shape for j in queued)
-            cost = self.policy.estimate(first.tokens, first.passes or 1) if self.policy else 0.0
+            cost = self.policy.estimate(first.tokens, first.passes or 1, equal) if self.policy else 0.0
             left = min(self.batch_wait - (time.monotonic() - started), first.deadline - self.clock() - cost)
             if left <= 0 or equal >= self.max_batch:
                 return
@@ -408,7 +419,7 @@ class SleepExecutor:
         seconds = finished - start
         missed = [finished > job.deadline for job in jobs]
         if self.policy is not None:
-            self.policy.observe(jobs[0].tokens, passes, seconds)
+            self.policy.observe(jobs[0].tokens, passes, seconds, len(jobs))
             if any(missed):
                 self.policy.record_miss()
         for (job, future), memory_out, late in zip(items, per_job, missed, strict=True):

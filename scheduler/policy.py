@@ -1,9 +1,16 @@
 """Adaptive sleep depth and sleep deadlines: pure logic, driven by a clock that tests can fake.
 
-Depth: N is the largest number of passes whose estimated completion (the work queued ahead plus N
-passes over the chunk) fits in the slack to the deadline, clamped to [min_passes, max_passes], minus a
-penalty after a missed deadline that halves every `penalty_half_life` seconds. The cost of a pass is an
-EMA of observed timings per chunk length, seeded by a measurement (`seed`) or a per-token default.
+Depth: N is the largest number of passes whose planned completion (the work queued ahead plus N
+passes over the batch) fits in the slack to the deadline, clamped to [min_passes, max_passes], minus a
+penalty after a missed deadline that halves every `penalty_half_life` seconds.
+
+The cost of a pass depends on the batch's shape, chunk length and rows (a batch of several chunks
+costs more than one chunk, if far less than one per chunk), so it is kept per shape: an EMA of the
+observed seconds per pass and one of their deviation from it, as TCP keeps its round-trip time (RFC
+6298; the deviation starts at half the first timing). Plans use mean + `deviations` × deviation, so a
+cost that varies (a busy machine), or that is known from one quiet calibration only, is planned with a
+margin. An unseen shape borrows the nearest observed one: more rows cost at least as much (scaled
+linearly from fewer rows); an unseen length is scaled from the nearest length.
 """
 
 from __future__ import annotations
@@ -12,6 +19,19 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class _PassCost:
+    mean: float  # seconds per pass
+    deviation: float  # mean absolute deviation of the observations from `mean`
+
+    @classmethod
+    def first(cls, seconds: float) -> _PassCost:
+        """From one timing: its deviation starts at half of it (RFC 6298's first RTTVAR), so a cost
+        known from one quiet measurement is planned with room until the load shows what it is."""
+        return cls(seconds, seconds / 2)
 
 
 class DepthPolicy:
@@ -24,6 +44,7 @@ class DepthPolicy:
         *,
         token_pass_seconds: float = 1e-4,
         ema: float = 0.3,
+        deviations: float = 2.0,
         miss_penalty: float = 2.0,
         penalty_half_life: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
@@ -31,24 +52,30 @@ class DepthPolicy:
         if not 1 <= min_passes <= max_passes:
             raise ValueError(f"need 1 <= min_passes <= max_passes, got {min_passes}, {max_passes}")
         self.min_passes, self.max_passes = min_passes, max_passes
-        self.token_pass_seconds = token_pass_seconds  # default cost of one pass, per chunk token
-        self.ema, self.miss_penalty, self.penalty_half_life = ema, miss_penalty, penalty_half_life
+        self.token_pass_seconds = token_pass_seconds  # default cost of one pass, per chunk token and row
+        self.ema, self.deviations = ema, deviations
+        self.miss_penalty, self.penalty_half_life = miss_penalty, penalty_half_life
         self.clock = clock
-        self._pass_seconds: dict[int, float] = {}  # chunk length -> EMA of seconds per pass
+        self._costs: dict[tuple[int, int], _PassCost] = {}  # (chunk length, rows) -> cost of a pass
         self._penalty, self._penalty_at = 0.0, 0.0
         self._lock = threading.Lock()  # observed from worker threads, read from the submitter
 
-    def seed(self, tokens: int, seconds_per_pass: float) -> None:
-        """Set the cost of one pass over `tokens` tokens (a measurement), replacing the estimate."""
+    def seed(self, tokens: int, seconds_per_pass: float, rows: int = 1) -> None:
+        """Set the cost of one pass over a batch of `rows` chunks of `tokens` tokens (a measurement),
+        replacing the estimate."""
         with self._lock:
-            self._pass_seconds[tokens] = seconds_per_pass
+            self._costs[tokens, rows] = _PassCost.first(seconds_per_pass)
 
-    def observe(self, tokens: int, passes: int, seconds: float) -> None:
-        """Fold in a finished sleep of `passes` passes over chunks of `tokens` tokens (one batch)."""
+    def observe(self, tokens: int, passes: int, seconds: float, rows: int = 1) -> None:
+        """Fold in a finished sleep of `passes` passes over a batch of `rows` chunks of `tokens` tokens."""
         per_pass = seconds / passes
         with self._lock:
-            old = self._pass_seconds.get(tokens)
-            self._pass_seconds[tokens] = per_pass if old is None else old + self.ema * (per_pass - old)
+            cost = self._costs.get((tokens, rows))
+            if cost is None:
+                self._costs[tokens, rows] = _PassCost.first(per_pass)
+                return
+            cost.deviation += self.ema * (abs(per_pass - cost.mean) - cost.deviation)
+            cost.mean += self.ema * (per_pass - cost.mean)
 
     def record_miss(self) -> None:
         """A sleep finished after its deadline: make the next ones shallower for a while."""
@@ -62,26 +89,37 @@ class DepthPolicy:
         with self._lock:
             return self._decayed(self.clock())
 
-    def pass_seconds(self, tokens: int) -> float:
-        """Estimated seconds of one pass over `tokens` tokens: its EMA, else the nearest observed
-        length scaled linearly, else the per-token default."""
+    def pass_seconds(self, tokens: int, rows: int = 1) -> float:
+        """Planned seconds of one pass over a batch of `rows` chunks of `tokens` tokens: the observed
+        mean plus `deviations` deviations, borrowed from the nearest observed shape when this one is
+        unseen, else the per-token default."""
         with self._lock:
-            if tokens in self._pass_seconds:
-                return self._pass_seconds[tokens]
-            if self._pass_seconds:
-                near = min(self._pass_seconds, key=lambda t: abs(t - tokens))
-                return self._pass_seconds[near] * tokens / near
-        return self.token_pass_seconds * tokens
+            if not self._costs:
+                return self.token_pass_seconds * tokens * rows
+            lengths = {t for t, _ in self._costs}
+            near_length = min(lengths, key=lambda t: (abs(t - tokens), t))
+            near_rows = min(
+                (r for t, r in self._costs if t == near_length), key=lambda r: (r < rows, abs(r - rows))
+            )  # the closest batch at least as large, else the largest smaller one
+            cost = self._costs[near_length, near_rows]
+        planned = cost.mean + self.deviations * cost.deviation
+        return planned * tokens / near_length * max(1.0, rows / near_rows)
 
-    def estimate(self, tokens: int, passes: int) -> float:
-        """Estimated seconds of a sleep of `passes` passes over `tokens` tokens."""
-        return passes * self.pass_seconds(tokens)
+    def estimate(self, tokens: int, passes: int, rows: int = 1) -> float:
+        """Planned seconds of a sleep of `passes` passes over a batch of `rows` chunks of `tokens` tokens."""
+        return passes * self.pass_seconds(tokens, rows)
 
-    def choose(self, tokens: int, deadline: float, work_ahead: float = 0.0) -> int:
-        """N for a chunk of `tokens` tokens due at `deadline` (clock time), behind `work_ahead` seconds
-        of queued work."""
+    def choose(self, tokens: int, deadline: float, work_ahead: float = 0.0, rows: int = 1) -> int:
+        """N for a chunk of `tokens` tokens due at `deadline` (clock time), in a batch of `rows` chunks,
+        behind `work_ahead` seconds of queued work."""
         slack = deadline - self.clock() - work_ahead
-        fit = math.floor(slack / self.pass_seconds(tokens) + 1e-9) if slack > 0 else 0  # 1e-9: float noise
+        per_pass = self.pass_seconds(tokens, rows)
+        if slack <= 0:
+            fit = 0
+        elif per_pass <= 0:  # only a clock that stands still (tests) times a pass at nothing
+            fit = self.max_passes
+        else:
+            fit = math.floor(slack / per_pass + 1e-9)  # 1e-9: float noise
         depth = fit - round(self.penalty())
         return max(self.min_passes, min(self.max_passes, depth))
 

@@ -12,7 +12,8 @@ Each iteration (`Engine.step`) does, in order:
 
 A sequence's `SessionState` is updated in place token by token, exactly as `model.session.feed` does,
 so an aborted request leaves its session as of its last fully processed token. Outputs reach each
-request's asyncio queue through `loop.call_soon_threadsafe`.
+request's asyncio queue through `loop.call_soon_threadsafe`, a step's worth in one call (`_flush`):
+each call wakes the event loop, which then takes the GIL from the decode loop.
 
 Window boundaries (`Engine._consolidate`). With no executor the sequence sleeps right there, on the
 decode thread (`model.session.cross_boundary`). With a `SleepExecutor` the sleep runs on its worker
@@ -40,7 +41,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -218,6 +219,9 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
+        # Outputs not yet handed to their event loops (`_flush`, one call per loop): a step wakes the
+        # loop once for its tokens and at most once more for what ended after them, not once per token.
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, Callable[..., object], tuple]] = []
 
     # -- API side (event loop thread) ---------------------------------------------------------------
 
@@ -290,9 +294,11 @@ class Engine:
                         seq.blocked_since = None  # its session is not saved: nothing to settle
                         self._finish(seq, "error")
                     self._rows, self._cache = [], None
+                    self._flush()
             for seq in [*self.running, *self.waiting]:
                 self._settle(seq)
                 self._finish(seq, "abort")
+            self._flush()
         if self.executor is not None:
             self.executor.shutdown(cancel_pending=True)
 
@@ -310,6 +316,7 @@ class Engine:
         self._collect_sleeps()
         fed = self._prefill()
         fed += self._decode()
+        self._flush()
         self._update_gauges()
         blocked = [s.sleep for s in self.running if s.blocked_since is not None and s.sleep is not None]
         if not fed and blocked:  # everyone waits for a sleep: wait with them instead of spinning
@@ -369,6 +376,7 @@ class Engine:
                 at_boundary.append(seq)
             if seq.finish_reason is None:
                 self._sample(seq)
+        self._flush()  # the tokens go out before any boundary work
         # After the loop, as a boundary may reorder the batch's rows; a request that just ended (a
         # stateless one at its last sample) leaves its session unsaved: nothing to consolidate.
         self._consolidate([seq for seq in at_boundary if seq in self.running])
@@ -607,12 +615,20 @@ class Engine:
         self.metrics.e2e_request_latency.observe(time.monotonic() - seq.request.arrival)
         final = Output("", reason, seq.stats, prompt_complete=not seq.to_feed, reply=seq.text)
         self._deliver(seq, final)
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-            seq.loop.call_soon_threadsafe(_set_result, seq.handle.result, final)
+        self._outbox.append((seq.loop, _set_result, (seq.handle.result, final)))
 
     def _deliver(self, seq: Sequence, out: Output) -> None:
-        with contextlib.suppress(RuntimeError):
-            seq.loop.call_soon_threadsafe(seq.handle.queue.put_nowait, out)
+        self._outbox.append((seq.loop, seq.handle.queue.put_nowait, (out,)))
+
+    def _flush(self) -> None:
+        """Hand the outputs gathered so far to their event loops, one call per loop."""
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., object], tuple]]] = {}
+        for loop, fn, args in outbox:
+            by_loop.setdefault(loop, []).append((fn, args))
+        for loop, calls in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_run_all, calls)
 
     def _update_gauges(self) -> None:
         self.metrics.requests_running.set(len(self.running))
@@ -620,6 +636,11 @@ class Engine:
         capacity = self.model.config.window_capacity
         fills = [len(s.state.tail) / capacity for s in self.running]
         self.metrics.kv_window_usage_ratio.set(sum(fills) / len(fills) if fills else 0.0)
+
+
+def _run_all(calls: list[tuple[Callable[..., object], tuple]]) -> None:
+    for fn, args in calls:
+        fn(*args)
 
 
 def _set_result(future: asyncio.Future, value: Output) -> None:

@@ -53,11 +53,13 @@ def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) ->
 
 @contextlib.contextmanager
 def busy_executor(model: HybridLM, max_batch: int) -> Iterator[tuple[SleepExecutor, GatedModel, float]]:
-    """An executor whose clock stands still at `now` and whose policy costs a pass over 8 tokens 10 ms,
-    its worker busy on a first 1-pass job until `gated.release` is set (jobs queue up meanwhile)."""
+    """An executor whose clock stands still at `now` and whose policy plans a pass over 8 tokens at
+    10 ms whatever the batch's size, its worker busy on a first 1-pass job until `gated.release` is set (jobs
+    queue up meanwhile)."""
     now = 100.0
-    policy = DepthPolicy(1, 8, clock=lambda: now)
-    policy.seed(8, 0.01)
+    policy = DepthPolicy(1, 8, deviations=0.0, clock=lambda: now)
+    for rows in (1, max_batch):
+        policy.seed(8, 0.01, rows)
     gated = GatedModel(model)
     executor = SleepExecutor(gated, max_batch=max_batch, policy=policy, clock=lambda: now)  # type: ignore[arg-type]
     try:
@@ -92,10 +94,25 @@ def test_results_equal_model_sleep_and_metrics_count(model: HybridLM) -> None:
     assert sample(metrics, "sleepserve_sleep_queue_depth") == 0
 
 
+class RecordingPolicy(DepthPolicy):
+    """Records the batch shapes its costs are learnt from."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 4)
+        self.observed: list[tuple[int, int, int]] = []
+
+    def observe(self, tokens: int, passes: int, seconds: float, rows: int = 1) -> None:
+        self.observed.append((tokens, passes, rows))
+        super().observe(tokens, passes, seconds, rows)
+
+
 def test_equal_jobs_run_as_one_batch_that_equals_each_alone(model: HybridLM) -> None:
+    """Equal jobs queued behind a running one run as one batch, each result equal to its job run alone;
+    the policy learns the batch's cost under the batch's own shape (chunk length, rows)."""
     gated = GatedModel(model)
     metrics = Metrics()
-    executor = SleepExecutor(gated, max_batch=4, metrics=metrics)  # type: ignore[arg-type]
+    policy = RecordingPolicy()
+    executor = SleepExecutor(gated, max_batch=4, metrics=metrics, policy=policy)  # type: ignore[arg-type]
     try:
         blocker = executor.submit(random_job(model, 0, tokens=5))
         assert gated.started.wait(10)
@@ -108,6 +125,7 @@ def test_equal_jobs_run_as_one_batch_that_equals_each_alone(model: HybridLM) -> 
     finally:
         executor.shutdown()
     assert gated.batches == [1, 3]
+    assert policy.observed == [(5, 2, 1), (8, 2, 3)]
     assert [r.batch_size for r in results] == [3, 3, 3]
     for job, result in zip(jobs, results, strict=True):
         for got, want in zip(result.memory, direct(model, job, 2), strict=True):

@@ -6,8 +6,9 @@ from scheduler.policy import DecodeRate, DepthPolicy, sleep_deadline
 
 
 def policy(clock, **kwargs) -> DepthPolicy:
-    p = DepthPolicy(1, 8, clock=clock, **kwargs)
-    p.seed(8, 0.01)  # one pass over 8 tokens: 10 ms
+    """Plans at the mean cost unless told otherwise, the seed being 10 ms a pass over 8 tokens."""
+    p = DepthPolicy(1, 8, clock=clock, **{"deviations": 0.0, **kwargs})
+    p.seed(8, 0.01)
     return p
 
 
@@ -29,12 +30,46 @@ def test_depth_is_monotone_in_slack_and_queue(clock) -> None:
 
 
 def test_cost_estimates_follow_observations(clock) -> None:
-    p = policy(clock, ema=0.5)
+    p = policy(clock, ema=0.5, deviations=0.0)
     p.observe(8, passes=4, seconds=0.08)  # 20 ms per pass: EMA 10 -> 15 ms
     assert p.pass_seconds(8) == pytest.approx(0.015)
     assert p.pass_seconds(16) == pytest.approx(0.030)  # unseen length: nearest, scaled
     assert DepthPolicy(1, 4, token_pass_seconds=1e-3, clock=clock).pass_seconds(8) == pytest.approx(0.008)
     assert p.estimate(8, 3) == pytest.approx(0.045)
+
+
+def test_costs_are_kept_per_batch_size(clock) -> None:
+    """A batch of several chunks costs more than one chunk and is planned with its own cost; an unseen
+    size borrows the closest batch at least as large, else scales the largest smaller one linearly."""
+    p = policy(clock, deviations=0.0)  # 10 ms a pass over one chunk of 8
+    p.seed(8, 0.025, rows=7)
+    assert p.pass_seconds(8, rows=4) == pytest.approx(0.025)
+    assert p.pass_seconds(8, rows=14) == pytest.approx(0.050)
+    p.observe(8, passes=2, seconds=0.06, rows=7)  # 30 ms a pass: only the 7-chunk estimate moves
+    assert p.pass_seconds(8, rows=7) == pytest.approx(0.025 + 0.3 * 0.005)
+    assert p.pass_seconds(8, rows=1) == pytest.approx(0.010)
+    assert p.choose(8, clock() + 0.06) == 6
+    assert p.choose(8, clock() + 0.06, rows=7) == 2
+    assert p.estimate(8, 2, rows=7) == pytest.approx(2 * 0.0265)
+    p.observe(8, passes=1, seconds=0.0, rows=2)  # a clock standing still: a free pass, not a crash
+    assert p.choose(8, clock() + 0.06, rows=2) == 8
+
+
+def test_a_varying_cost_is_planned_with_a_margin(clock) -> None:
+    """Pass costs that vary are planned at mean + `deviations` × their deviation, as TCP plans its
+    retransmission timer: steady timings plan at their mean, scattered ones of the same mean further
+    out, so the depth chosen for the same slack is shallower."""
+    steady, scattered = policy(clock, ema=0.25, deviations=2.0), policy(clock, ema=0.25, deviations=2.0)
+    assert steady.pass_seconds(8) == pytest.approx(0.02)  # one timing: its deviation starts at half of it
+    for _ in range(20):
+        for seconds in (0.01, 0.01):
+            steady.observe(8, 1, seconds)
+        for seconds in (0.005, 0.015):
+            scattered.observe(8, 1, seconds)
+    assert steady.pass_seconds(8) == pytest.approx(0.01, rel=1e-3)
+    assert scattered.pass_seconds(8) > 0.015  # mean ~10 ms, deviation ~5 ms
+    assert steady.choose(8, clock() + 0.055) == 5
+    assert scattered.choose(8, clock() + 0.055) < 4
 
 
 def test_a_missed_deadline_makes_the_next_jobs_shallower_for_a_while(clock) -> None:

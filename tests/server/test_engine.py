@@ -136,6 +136,41 @@ async def test_prefill_is_sliced_so_running_streams_keep_decoding(make_engine):
     assert events.index("long") >= 20  # the short stream kept streaming while the long prompt was fed
 
 
+async def test_a_step_wakes_the_event_loop_once(make_engine):
+    """The outputs of one engine step reach the requests' event loop in one call for the step's tokens
+    (made before any boundary work) and at most one more for what ended after them, not one per stream
+    (each call wakes the loop, which then contends with the decode loop for the GIL); in order: every
+    text equals the reference."""
+
+    class CountingLoop:
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            self.loop, self.calls = loop, 0
+
+        def call_soon_threadsafe(self, *args):
+            self.calls += 1
+            return self.loop.call_soon_threadsafe(*args)
+
+    model = tiny_model()
+    engine = make_engine(model, start=False)
+    prompts = [f"stream {i}" for i in range(4)]
+    handles = [
+        engine.submit(EngineRequest(new_state(model), TOKENIZER.encode(p), greedy(12))) for p in prompts
+    ]
+    loop = CountingLoop(asyncio.get_running_loop())
+    for seq in engine.waiting:
+        seq.loop = loop
+    calls_per_step = []
+    with torch.inference_mode():
+        while engine.busy:
+            before = loop.calls
+            engine.step()
+            calls_per_step.append(loop.calls - before)
+    results = await asyncio.gather(*(collect(h) for h in handles))
+    assert max(calls_per_step) <= 2 < len(prompts)
+    for prompt, (text, _) in zip(prompts, results, strict=True):
+        assert text == reference(model, prompt, 12)
+
+
 async def test_stop_strings_cut_the_text(make_engine):
     model = tiny_model()
     engine = make_engine(model)
