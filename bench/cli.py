@@ -12,9 +12,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "state": ("bench.state", "session state size and store round trip by context length"),
     "decode-scaling": ("bench.decode_scaling", "per-token decode latency against context position"),
     "sleep-overlap": ("bench.sleep_overlap", "sleep off the decode path: overlap with decoding"),
+    "engine-itl": ("bench.engine_itl", "sleep-overlap's streams at the engine, without HTTP or a client"),
     "reproduce": ("bench.reproduce", "the paper's experiments at small scale"),
     "hf-server": ("bench.hf_server", "serve the transformers baseline (OpenAI-compatible)"),
-    "suite": ("bench.suite", "decode-scaling, state and multiturn: refresh bench/results"),
+    "suite": (
+        "bench.suite",
+        "decode-scaling, state, both sleep overlaps and multiturn: refresh bench/results",
+    ),
 }
 
 

@@ -1,0 +1,149 @@
+"""Is `lagged`'s inter-token tail the engine's, or the HTTP path's and the client's? The streams of
+bench/sleep_overlap.py (8 concurrent, each across 16 window boundaries) run through the engine of a
+server built in this process (`server.context.build_server`: the same scheduler, sleeper child and
+depth policy as `sleepserve serve`), with no HTTP and no client process. Each output is timed where it
+reaches its request's asyncio queue, and each gap is spread over the tokens it carried as the HTTP
+harness spreads its chunks (`bench.stats.spread_itl`), so the numbers compare with sleep_overlap's.
+
+Systems: no-sleep (`hard`, N = 1) and lagged-scheduled (`lagged`, adaptive N), in interleaved rounds,
+percentiles over the pooled gaps. Writes bench/results/engine_itl.json.
+
+    python -m bench.engine_itl
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.decode_scaling import machine
+from bench.stats import spread_itl
+from model.config import ModelConfig
+from model.hybrid import HybridLM
+from model.session import new_state
+from model.tokenizer import ByteTokenizer
+from server.context import build_server
+from server.engine import Engine, EngineRequest, SamplingParams
+from server.settings import Settings
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOKENIZER = ByteTokenizer()
+
+
+def systems(max_passes: int) -> dict[str, dict]:
+    """Settings of each system (those of bench/sleep_overlap.py's no-sleep and lagged-scheduled)."""
+    return {
+        "no-sleep": {"schedule": "hard", "sleep_passes": 1},
+        "lagged-scheduled": {"schedule": "lagged", "sleep_passes": "auto", "max_passes": max_passes},
+    }
+
+
+async def stream(engine: Engine, model: HybridLM, index: int, tokens: int) -> list[float]:
+    """One greedy request of `tokens` tokens; returns its inter-token gaps in seconds."""
+    await asyncio.sleep(0.001 * index)  # arrivals a little apart, as the HTTP clients' are
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, stop_tokens=frozenset())
+    handle = engine.submit(EngineRequest(new_state(model), TOKENIZER.encode(f"stream {index}:"), params))
+    gaps, last = [], None
+    async for out in handle:
+        if out.text:
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+        if out.stats is not None:
+            return spread_itl(gaps, out.stats.completion_tokens)
+    raise AssertionError("a request ended without its final output")
+
+
+async def measure(config: ModelConfig, system: dict, streams: int, tokens: int) -> dict:
+    """One round of one system: a fresh engine (and sleeper), `streams` concurrent streams."""
+    torch.manual_seed(0)
+    model = HybridLM(config.replace(schedule=system["schedule"])).eval()
+    server = build_server(Settings(**system), model)
+    gc.collect()
+    gc.freeze()  # as the app does before it starts the engine
+    server.engine.start()
+    try:
+        gaps = await asyncio.gather(*(stream(server.engine, model, i, tokens) for i in range(streams)))
+    finally:
+        await server.engine.shutdown(grace=0)
+        gc.unfreeze()
+
+    def total(name: str) -> float:
+        return server.metrics.registry.get_sample_value(name) or 0.0
+
+    return {
+        "itl_ms": [gap * 1e3 for one in gaps for gap in one],
+        "sleeps": total("sleepserve_sleep_passes_count"),
+        "passes": total("sleepserve_sleep_passes_sum"),
+        "deadline_misses": int(total("sleepserve_sleep_deadline_misses_total")),
+    }
+
+
+def pool(name: str, rounds: list[dict]) -> dict:
+    itl = np.array([gap for one in rounds for gap in one["itl_ms"]])
+    sleeps = sum(one["sleeps"] for one in rounds)
+    return {
+        "name": name,
+        "itl_p50_ms": float(np.percentile(itl, 50)),
+        "itl_p99_ms": float(np.percentile(itl, 99)),
+        "itl_p99_ms_rounds": [float(np.percentile(one["itl_ms"], 99)) for one in rounds],
+        "deadline_misses": sum(one["deadline_misses"] for one in rounds),
+        "mean_passes": sum(one["passes"] for one in rounds) / sleeps if sleeps else 0.0,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--boundaries", type=int, default=16, help="window boundaries each stream crosses")
+    parser.add_argument("--max-passes", type=int, default=4, help="largest N of the adaptive system")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of every system")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (sleep_overlap's servers: 1)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "engine_itl.json")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    config = ModelConfig()
+    tokens = (args.boundaries + 1) * config.window
+    rounds: dict[str, list[dict]] = {name: [] for name in systems(args.max_passes)}
+    for i in range(args.rounds):
+        for name, system in systems(args.max_passes).items():
+            one = asyncio.run(measure(config, system, args.streams, tokens))
+            rounds[name].append(one)
+            print(
+                f"round {i + 1}/{args.rounds} {name:>17}: ITL p99 {np.percentile(one['itl_ms'], 99):6.2f} ms"
+            )
+    rows = [pool(name, one) for name, one in rounds.items()]
+    base, product = rows
+    report = {
+        "machine": machine(),
+        "streams": args.streams,
+        "tokens_per_stream": tokens,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "systems": rows,
+        "p99_ratio": product["itl_p99_ms"] / base["itl_p99_ms"],
+    }
+    for row in rows:
+        print(
+            f"{row['name']:>17}: ITL p50 {row['itl_p50_ms']:5.2f} ms  p99 {row['itl_p99_ms']:6.2f} ms  "
+            f"misses {row['deadline_misses']}  mean N {row['mean_passes']:.2f}"
+        )
+    print(f"p99 ratio {report['p99_ratio']:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

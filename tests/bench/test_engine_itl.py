@@ -1,0 +1,19 @@
+"""bench.engine_itl: the engine-level latency benchmark runs both systems end to end and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+
+from bench import engine_itl
+
+
+def test_engine_itl_measures_both_systems(tmp_path) -> None:
+    out = tmp_path / "engine_itl.json"
+    report = engine_itl.main(["--streams", "2", "--boundaries", "3", "--rounds", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    no_sleep, lagged = report["systems"]
+    assert [no_sleep["name"], lagged["name"]] == ["no-sleep", "lagged-scheduled"]
+    assert no_sleep["mean_passes"] == 1.0 and 1.0 <= lagged["mean_passes"] <= 4.0
+    for row in (no_sleep, lagged):
+        assert 0 < row["itl_p50_ms"] <= row["itl_p99_ms"] and len(row["itl_p99_ms_rounds"]) == 1
+    assert report["p99_ratio"] == lagged["itl_p99_ms"] / no_sleep["itl_p99_ms"]
