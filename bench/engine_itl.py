@@ -8,7 +8,13 @@ harness spreads its chunks (`bench.stats.spread_itl`), so the numbers compare wi
 Systems: no-sleep (`hard`, N = 1) and lagged-scheduled (`lagged`, adaptive N), in interleaved rounds,
 percentiles over the pooled gaps. Writes bench/results/engine_itl.json.
 
+`--weights`: `random` (default, as sleep_overlap) or `checkpoint` (the shipped model). The weights do
+not change a step's cost, but they change how the text is cut: random weights emit random bytes, many
+of them parts of a multi-byte character, so an output often waits for several tokens and its gap spans
+several steps; the trained model writes ASCII, about one output per token, so its gaps are the steps.
+
     python -m bench.engine_itl
+    python -m bench.engine_itl --weights checkpoint --out bench/results/engine_itl_checkpoint.json
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 from bench.decode_scaling import machine
 from bench.stats import spread_itl
+from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from model.config import ModelConfig
 from model.hybrid import HybridLM
 from model.session import new_state
@@ -62,10 +69,18 @@ async def stream(engine: Engine, model: HybridLM, index: int, tokens: int) -> li
     raise AssertionError("a request ended without its final output")
 
 
-async def measure(config: ModelConfig, system: dict, streams: int, tokens: int) -> dict:
-    """One round of one system: a fresh engine (and sleeper), `streams` concurrent streams."""
+def load_model(weights: str, schedule: str) -> HybridLM:
+    if weights == "checkpoint":
+        model = load_checkpoint(DEFAULT_CHECKPOINT)
+        model.config = model.config.replace(schedule=schedule)
+        return model
     torch.manual_seed(0)
-    model = HybridLM(config.replace(schedule=system["schedule"])).eval()
+    return HybridLM(ModelConfig(schedule=schedule)).eval()
+
+
+async def measure(weights: str, system: dict, streams: int, tokens: int) -> dict:
+    """One round of one system: a fresh engine (and sleeper), `streams` concurrent streams."""
+    model = load_model(weights, system["schedule"])
     server = build_server(Settings(**system), model)
     gc.collect()
     gc.freeze()  # as the app does before it starts the engine
@@ -109,16 +124,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-passes", type=int, default=4, help="largest N of the adaptive system")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of every system")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (sleep_overlap's servers: 1)")
+    parser.add_argument("--weights", choices=["random", "checkpoint"], default="random")
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_itl.json")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    config = ModelConfig()
-    tokens = (args.boundaries + 1) * config.window
+    tokens = (args.boundaries + 1) * load_model(args.weights, "lagged").config.window
     rounds: dict[str, list[dict]] = {name: [] for name in systems(args.max_passes)}
     for i in range(args.rounds):
         for name, system in systems(args.max_passes).items():
-            one = asyncio.run(measure(config, system, args.streams, tokens))
+            one = asyncio.run(measure(args.weights, system, args.streams, tokens))
             rounds[name].append(one)
             print(
                 f"round {i + 1}/{args.rounds} {name:>17}: ITL p99 {np.percentile(one['itl_ms'], 99):6.2f} ms"
@@ -131,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_stream": tokens,
         "rounds": args.rounds,
         "threads": args.threads,
+        "weights": args.weights,
         "systems": rows,
         "p99_ratio": product["itl_p99_ms"] / base["itl_p99_ms"],
     }

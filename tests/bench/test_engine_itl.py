@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import engine_itl
 
 
-def test_engine_itl_measures_both_systems(tmp_path) -> None:
+@pytest.mark.parametrize("weights", ["random", "checkpoint"])
+def test_engine_itl_measures_both_systems(tmp_path, weights) -> None:
     out = tmp_path / "engine_itl.json"
-    report = engine_itl.main(["--streams", "2", "--boundaries", "3", "--rounds", "1", "--out", str(out)])
-    assert json.loads(out.read_text()) == report
+    args = ["--streams", "2", "--boundaries", "3", "--rounds", "1", "--weights", weights, "--out", str(out)]
+    report = engine_itl.main(args)
+    assert json.loads(out.read_text()) == report and report["weights"] == weights
     no_sleep, lagged = report["systems"]
     assert [no_sleep["name"], lagged["name"]] == ["no-sleep", "lagged-scheduled"]
     assert no_sleep["mean_passes"] == 1.0 and 1.0 <= lagged["mean_passes"] <= 4.0
