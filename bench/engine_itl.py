@@ -70,6 +70,7 @@ async def stream(engine: Engine, model: HybridLM, index: int, tokens: int) -> li
 
 
 def load_model(weights: str, schedule: str) -> HybridLM:
+    """The default config's model with random weights (seed 0), or the shipped checkpoint, in `schedule`."""
     if weights == "checkpoint":
         model = load_checkpoint(DEFAULT_CHECKPOINT)
         model.config = model.config.replace(schedule=schedule)
