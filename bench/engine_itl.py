@@ -5,8 +5,8 @@ depth policy as `sleepserve serve`), with no HTTP and no client process. Each ou
 reaches its request's asyncio queue, and each gap is spread over the tokens it carried as the HTTP
 harness spreads its chunks (`bench.stats.spread_itl`), so the numbers compare with sleep_overlap's.
 
-Systems: no-sleep (`hard`, N = 1) and lagged-scheduled (`lagged`, adaptive N), in interleaved rounds,
-percentiles over the pooled gaps. Writes bench/results/engine_itl.json.
+Systems: sleep_overlap's no-sleep (`hard`, N = 1) and lagged-scheduled (`lagged`, adaptive N), from its
+serve flags; interleaved rounds, percentiles over the pooled gaps. Writes bench/results/engine_itl.json.
 
 `--weights`: `random` (default, as sleep_overlap) or `checkpoint` (the shipped model). The weights do
 not change a step's cost, but they change how the text is cut: random weights emit random bytes, many
@@ -19,7 +19,6 @@ several steps; the trained model writes ASCII, about one output per token, so it
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import json
@@ -29,13 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import sleep_overlap
 from bench.decode_scaling import machine
+from bench.sleep_overlap import workload_arguments
 from bench.stats import spread_itl
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from model.config import ModelConfig
 from model.hybrid import HybridLM
 from model.session import new_state
 from model.tokenizer import ByteTokenizer
+from server.cli import settings_from_args
 from server.context import build_server
 from server.engine import Engine, EngineRequest, SamplingParams
 from server.settings import Settings
@@ -44,12 +46,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TOKENIZER = ByteTokenizer()
 
 
-def systems(max_passes: int) -> dict[str, dict]:
-    """Settings of each system (those of bench/sleep_overlap.py's no-sleep and lagged-scheduled)."""
-    return {
-        "no-sleep": {"schedule": "hard", "sleep_passes": 1},
-        "lagged-scheduled": {"schedule": "lagged", "sleep_passes": "auto", "max_passes": max_passes},
-    }
+SYSTEMS = ("no-sleep", "lagged-scheduled")  # of bench/sleep_overlap.py, with its serve flags
 
 
 async def stream(engine: Engine, model: HybridLM, index: int, tokens: int) -> list[float]:
@@ -79,10 +76,11 @@ def load_model(weights: str, schedule: str) -> HybridLM:
     return HybridLM(ModelConfig(schedule=schedule)).eval()
 
 
-async def measure(weights: str, system: dict, streams: int, tokens: int) -> dict:
+async def measure(weights: str, settings: Settings, streams: int, tokens: int) -> dict:
     """One round of one system: a fresh engine (and sleeper), `streams` concurrent streams."""
-    model = load_model(weights, system["schedule"])
-    server = build_server(Settings(**system), model)
+    assert settings.schedule is not None  # every system names its schedule
+    model = load_model(weights, settings.schedule)
+    server = build_server(settings, model)
     gc.collect()
     gc.freeze()  # as the app does before it starts the engine
     server.engine.start()
@@ -117,24 +115,19 @@ def pool(name: str, rounds: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--boundaries", type=int, default=16, help="window boundaries each stream crosses")
-    parser.add_argument("--max-passes", type=int, default=4, help="largest N of the adaptive system")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of every system")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (sleep_overlap's servers: 1)")
+    parser = workload_arguments(__doc__, rounds=4)
     parser.add_argument("--weights", choices=["random", "checkpoint"], default="random")
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_itl.json")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     tokens = (args.boundaries + 1) * load_model(args.weights, "lagged").config.window
-    rounds: dict[str, list[dict]] = {name: [] for name in systems(args.max_passes)}
+    flags = sleep_overlap.systems(args.passes, args.max_passes)
+    settings = {name: settings_from_args(flags[name]) for name in SYSTEMS}
+    rounds: dict[str, list[dict]] = {name: [] for name in SYSTEMS}
     for i in range(args.rounds):
-        for name, system in systems(args.max_passes).items():
-            one = asyncio.run(measure(args.weights, system, args.streams, tokens))
+        for name in SYSTEMS:
+            one = asyncio.run(measure(args.weights, settings[name], args.streams, tokens))
             rounds[name].append(one)
             print(
                 f"round {i + 1}/{args.rounds} {name:>17}: ITL p99 {np.percentile(one['itl_ms'], 99):6.2f} ms"

@@ -145,18 +145,23 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def workload_arguments(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The arguments this benchmark shares with bench/engine_itl.py: the streams, the systems' depth,
+    the torch threads of each server and the interleaved rounds."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--boundaries", type=int, default=16, help="window boundaries each stream crosses")
     parser.add_argument("--passes", type=int, default=3, help="N of the fixed-depth systems")
     parser.add_argument("--max-passes", type=int, default=4, help="largest N of the adaptive system")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads of each server (OMP_NUM_THREADS)"
-    )
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every system")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds of every system")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = workload_arguments(__doc__, rounds=3)
     parser.add_argument("--device", default="cpu", help="the servers' torch device")
     parser.add_argument("--out", type=Path, default=RESULTS / "sleep_overlap.json")
     args = parser.parse_args(argv)
