@@ -6,7 +6,9 @@ reaches its request's asyncio queue, and each gap is spread over the tokens it c
 harness spreads its chunks (`bench.stats.spread_itl`), so the numbers compare with sleep_overlap's.
 
 Systems: sleep_overlap's no-sleep (`hard`, N = 1) and lagged-scheduled (`lagged`, adaptive N), from its
-serve flags; interleaved rounds, percentiles over the pooled gaps. Writes bench/results/engine_itl.json.
+serve flags; interleaved rounds, percentiles over the pooled gaps, and the engine's mean iteration apart
+and at a window boundary (`sleepserve_engine_step_seconds{boundary}`). Writes
+bench/results/engine_itl.json.
 
 `--weights`: `random` (default, as sleep_overlap) or `checkpoint` (the shipped model). The weights do
 not change a step's cost, but they change how the text is cut: random weights emit random bytes, many
@@ -30,7 +32,7 @@ import torch
 
 from bench import sleep_overlap
 from bench.decode_scaling import machine
-from bench.sleep_overlap import workload_arguments
+from bench.sleep_overlap import step_means, step_times, workload_arguments
 from bench.stats import spread_itl
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from model.config import ModelConfig
@@ -90,14 +92,16 @@ async def measure(weights: str, settings: Settings, streams: int, tokens: int) -
         await server.engine.shutdown(grace=0)
         gc.unfreeze()
 
-    def total(name: str) -> float:
-        return server.metrics.registry.get_sample_value(name) or 0.0
+    def total(name: str, boundary: str | None = None) -> float:
+        labels = None if boundary is None else {"boundary": boundary}
+        return server.metrics.registry.get_sample_value(name, labels) or 0.0
 
     return {
         "itl_ms": [gap * 1e3 for one in gaps for gap in one],
         "sleeps": total("sleepserve_sleep_passes_count"),
         "passes": total("sleepserve_sleep_passes_sum"),
         "deadline_misses": int(total("sleepserve_sleep_deadline_misses_total")),
+        "steps": step_times(total),
     }
 
 
@@ -111,6 +115,7 @@ def pool(name: str, rounds: list[dict]) -> dict:
         "itl_p99_ms_rounds": [float(np.percentile(one["itl_ms"], 99)) for one in rounds],
         "deadline_misses": sum(one["deadline_misses"] for one in rounds),
         "mean_passes": sum(one["passes"] for one in rounds) / sleeps if sleeps else 0.0,
+        **step_means(rounds),
     }
 
 
@@ -147,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         print(
             f"{row['name']:>17}: ITL p50 {row['itl_p50_ms']:5.2f} ms  p99 {row['itl_p99_ms']:6.2f} ms  "
-            f"misses {row['deadline_misses']}  mean N {row['mean_passes']:.2f}"
+            f"misses {row['deadline_misses']}  mean N {row['mean_passes']:.2f}  "
+            f"step {row['step_ms_none']:.2f} ms, crossing {row['step_ms_crossed']:.2f} ms"
         )
     print(f"p99 ratio {report['p99_ratio']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ against four servers, measured from the client side (the streaming harness of be
 The model is the default ModelConfig with random weights: latency depends on the shapes, not the
 weights. A p99 over one short run moves by a third from run to run on a small machine, so the systems
 are measured in `--rounds` interleaved rounds (a fresh server each time) and the percentiles are taken
-over the pooled samples of all rounds; each round's own p99 is kept beside them. Writes
+over the pooled samples of all rounds; each round's own p99 is kept beside them, and so is each server's
+mean engine iteration apart and at a window boundary (its `sleepserve_engine_step_seconds`). Writes
 bench/results/sleep_overlap.json and a PNG of inter-token latency over time (the first round) with each
 stream's window boundaries marked.
 
@@ -24,6 +25,7 @@ import asyncio
 import json
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -56,9 +58,36 @@ def systems(passes: int, max_passes: int) -> dict[str, list[str]]:
     }
 
 
-def scrape(metrics: str, name: str) -> float:
-    """Sum of a metric's samples in Prometheus text (all label sets)."""
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", metrics, flags=re.M))
+def scrape(metrics: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples in Prometheus text, over the label sets that hold `labels`."""
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    return sum(
+        float(value)
+        for found, value in re.findall(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", metrics, flags=re.M)
+        if all(label in found.split(",") for label in wanted)
+    )
+
+
+BOUNDARY = ("none", "crossed")  # the labels of sleepserve_engine_step_seconds
+
+
+def step_times(sample: Callable[[str, str], float]) -> dict[str, list[float]]:
+    """[seconds, steps] of the engine's iterations by boundary label; `sample(name, boundary)` reads
+    a sample of the server's metrics."""
+    return {
+        boundary: [sample(f"sleepserve_engine_step_seconds_{part}", boundary) for part in ("sum", "count")]
+        for boundary in BOUNDARY
+    }
+
+
+def step_means(rounds: list[dict]) -> dict[str, float]:
+    """Mean engine step (ms) by boundary label over all rounds, and the number of crossing steps: what
+    a boundary costs every stream, apart from the sleep's own timing."""
+    totals = {b: [sum(one["steps"][b][i] for one in rounds) for i in (0, 1)] for b in BOUNDARY}
+    means = {
+        f"step_ms_{b}": seconds / count * 1e3 if count else 0.0 for b, (seconds, count) in totals.items()
+    }
+    return {**means, "crossing_steps": int(totals["crossed"][1])}
 
 
 def measure(
@@ -85,6 +114,7 @@ def measure(
         "passes": scrape(metrics, "sleepserve_sleep_passes_sum"),
         "decode_stall_s": scrape(metrics, "sleepserve_decode_stall_seconds_sum"),
         "decode_stalls": scrape(metrics, "sleepserve_decode_stall_seconds_count"),
+        "steps": step_times(lambda name, boundary: scrape(metrics, name, boundary=boundary)),
     }
 
 
@@ -105,6 +135,7 @@ def pool(name: str, flags: list[str], rounds: list[dict]) -> dict:
         "sleeps": int(sleeps),
         "decode_stall_s": sum(one["decode_stall_s"] for one in rounds),
         "decode_stalls": int(sum(one["decode_stalls"] for one in rounds)),  # times a session waited
+        **step_means(rounds),
         "output_tokens_per_s": summary["output_throughput"],
         "streams": [  # the first round's, for the plot
             {
@@ -186,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{row['name']:>17}: ITL p50 {row['itl_p50_ms']:6.2f} ms  p99 {row['itl_p99_ms']:6.2f} ms  "
             f"max {row['itl_max_ms']:6.1f} ms  misses {row['deadline_misses']}  mean N {row['mean_passes']:.2f}  "
-            f"stalls {row['decode_stalls']} ({row['decode_stall_s'] * 1e3:.0f} ms)"
+            f"stalls {row['decode_stalls']} ({row['decode_stall_s'] * 1e3:.0f} ms)  "
+            f"step {row['step_ms_none']:.2f} ms, crossing {row['step_ms_crossed']:.2f} ms"
         )
     report = {
         "machine": machine(),

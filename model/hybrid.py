@@ -181,6 +181,16 @@ class HybridLM(nn.Module):
         Returns logits [B, T, vocab] and the cache, whose attention buffers are updated in place.
         The caller keeps each window within its capacity (the session's schedule does).
         """
+        h, cache = self._append(tokens, cache, last_mlp=True)
+        return self.logits(h), cache
+
+    def fill(self, tokens: Tensor, cache: WindowCache) -> WindowCache:
+        """`extend` when only the window is wanted (rebuilding it): the same cache, without the logits
+        and the last block's MLP, which feeds nothing but them."""
+        return self._append(tokens, cache, last_mlp=False)[1]
+
+    def _append(self, tokens: Tensor, cache: WindowCache, last_mlp: bool) -> tuple[Tensor, WindowCache]:
+        """The blocks over tokens [B, T] appended to the windows: the last hidden states and the cache."""
         if int(cache.lengths.max()) + tokens.shape[1] > self.config.window_capacity:
             raise ValueError("window overflow: consolidate before extending past (lag + 1) × window")
         h = self.embed(tokens)
@@ -194,5 +204,6 @@ class HybridLM(nn.Module):
                 layer_cache = FastWeightCache(fast, conv)
             layers.append(layer_cache)
             h = h + y
-            h = h + block.mlp(block.mlp_norm(h))
-        return self.logits(h), WindowCache(layers, cache.lengths + tokens.shape[1])
+            if last_mlp or len(layers) < len(self.blocks):
+                h = h + block.mlp(block.mlp_norm(h))
+        return h, WindowCache(layers, cache.lengths + tokens.shape[1])

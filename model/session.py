@@ -59,8 +59,7 @@ def open_windows(model: HybridLM, states: list[SessionState]) -> list[tuple[Wind
         ]
         batch = model.open_window(memory)
         if length:
-            tokens = torch.tensor([states[i].tail for i in members], device=model.device)
-            _, batch = model.extend(tokens, batch)
+            batch = model.fill(torch.tensor([states[i].tail for i in members], device=model.device), batch)
         for row, i in enumerate(members):
             windows[i] = (batch, row)
     return windows  # type: ignore[return-value]

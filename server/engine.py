@@ -222,6 +222,7 @@ class Engine:
         # Outputs not yet handed to their event loops (`_flush`, one call per loop): a step wakes the
         # loop once for its tokens and at most once more for what ended after them, not once per token.
         self._outbox: list[tuple[asyncio.AbstractEventLoop, Callable[..., object], tuple]] = []
+        self._crossed = False  # whether this step crossed a window boundary (metric label)
 
     # -- API side (event loop thread) ---------------------------------------------------------------
 
@@ -305,6 +306,7 @@ class Engine:
     def step(self) -> None:
         """One iteration: aborts and timeouts, admission, finished sleeps, one prefill slice, one batched
         decode step."""
+        started, self._crossed = time.perf_counter(), False
         now = time.monotonic()
         with self._wake:
             aborted, self._aborted = self._aborted, set()
@@ -318,6 +320,9 @@ class Engine:
         fed += self._decode()
         self._flush()
         self._update_gauges()
+        if fed or self._crossed:
+            boundary = "crossed" if self._crossed else "none"
+            self.metrics.engine_step.labels(boundary=boundary).observe(time.perf_counter() - started)
         blocked = [s.sleep for s in self.running if s.blocked_since is not None and s.sleep is not None]
         if not fed and blocked:  # everyone waits for a sleep: wait with them instead of spinning
             concurrent.futures.wait(blocked, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -462,6 +467,7 @@ class Engine:
         rebuilt, report = cross_boundary(self.model, seq.state, self.passes, self._window(seq))
         if report is None:  # lagged's first chunk: it stays in the window, nothing to sleep on yet
             return
+        self._crossed = True
         self._install(seq, rebuilt)
         self._count_sleep(seq, report.tokens, report.passes, report.seconds)
         self.metrics.sleep_duration.labels(trigger="window_full").observe(report.seconds)
@@ -513,6 +519,7 @@ class Engine:
         in the new memory and rebuild the window from it, all of them in one batch."""
         if not seqs:
             return
+        self._crossed = True
         lagged = self.model.config.schedule == "lagged"
         for seq in seqs:
             assert seq.sleep is not None

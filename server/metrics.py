@@ -45,6 +45,14 @@ class Metrics:
             p + "kv_window_usage_ratio", "Mean fill of the running sequences' attention windows.", registry=r
         )
         self.sleep_queue_depth = Gauge(p + "sleep_queue_depth", "Consolidation jobs waiting.", registry=r)
+        self.engine_step = Histogram(
+            p + "engine_step_seconds",
+            "Duration of an engine iteration that did work, by whether it crossed a window boundary "
+            "(swapped a sleep's memory in and rebuilt windows).",
+            ["boundary"],
+            buckets=_GAP,
+            registry=r,
+        )
         self.decode_batch_size = Histogram(
             p + "decode_batch_size",
             "Sequences stepped together per engine iteration.",

@@ -231,6 +231,27 @@ def test_open_windows_equals_open_window_for_each_state():
                     assert (x - y).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("schedule", ["hard", "lagged"])
+def test_fill_builds_the_window_extend_builds(schedule):
+    """`fill` (window rebuilds: no logits, no last MLP) leaves the very cache `extend` leaves, from an
+    empty window and from a part-filled one."""
+    model = make_model("default-ish", schedule)
+    memory = [torch.randn_like(m) for m in model.empty_memory(3)]
+    tokens = torch.tensor([random_tokens(model.config.window, seed=60 + i) for i in range(3)])
+    with torch.no_grad():
+        for start in (0, 5):
+            via_extend, via_fill = model.open_window(memory), model.open_window(memory)
+            if start:
+                _, via_extend = model.extend(tokens[:, :start], via_extend)
+                via_fill = model.fill(tokens[:, :start], via_fill)
+            _, via_extend = model.extend(tokens[:, start:], via_extend)
+            via_fill = model.fill(tokens[:, start:], via_fill)
+            assert torch.equal(via_fill.lengths, via_extend.lengths)
+            for a, b in zip(via_fill.layers, via_extend.layers, strict=True):
+                for x, y in zip(vars(a).values(), vars(b).values(), strict=True):
+                    assert torch.equal(x, y)
+
+
 def test_extend_refuses_window_overflow():
     model = make_model("small", "hard")
     cache = model.open_window(model.empty_memory(1))

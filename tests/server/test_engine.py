@@ -106,6 +106,12 @@ async def test_session_matches_reference_across_windows(make_engine, schedule):
         assert final.stats.prompt_tokens == len(prompt) and final.stats.completion_tokens == 13
     assert consolidated == state.consolidated_tokens > 0
     assert state.chunks_consolidated >= 8
+    steps = {
+        sample.labels["boundary"]: sample.value
+        for sample in engine.metrics.engine_step.collect()[0].samples
+        if sample.name.endswith("_count")
+    }
+    assert 0 < steps["crossed"] < steps["none"]  # the boundary steps are timed apart from the others
     counted = engine.metrics.sleep_tokens._value.get()
     # In the background a lagged sleep still running when a request ends is done again by the next
     # request (the stored state never holds a half-used result): the metric counts the work done.
