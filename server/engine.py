@@ -421,6 +421,7 @@ class Engine:
     def _install(self, seq: Sequence, window: WindowCache, source: int = 0) -> None:
         """Make row `source` of `window` the sequence's current window (copied once, into its row of
         the batch when it is in the batch)."""
+        self._crossed = True  # a window is installed only when a sequence crosses a boundary
         if seq.cache is None:
             self._cache.write_row(self._rows.index(seq), window, source)
         else:
@@ -470,7 +471,6 @@ class Engine:
         rebuilt, report = cross_boundary(self.model, seq.state, self.passes, self._window(seq))
         if report is None:  # lagged's first chunk: it stays in the window, nothing to sleep on yet
             return
-        self._crossed = True
         self._install(seq, rebuilt)
         self._count_sleep(seq, report.tokens, report.passes, report.seconds)
         self.metrics.sleep_duration.labels(trigger="window_full").observe(report.seconds)
@@ -522,7 +522,6 @@ class Engine:
         in the new memory and rebuild the window from it, all of them in one batch."""
         if not seqs:
             return
-        self._crossed = True
         lagged = self.model.config.schedule == "lagged"
         for seq in seqs:
             assert seq.sleep is not None
