@@ -32,7 +32,7 @@ import torch
 
 from bench import sleep_overlap
 from bench.decode_scaling import machine
-from bench.sleep_overlap import step_means, step_times, workload_arguments
+from bench.sleep_overlap import server_means, server_times, workload_arguments
 from bench.stats import spread_itl
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from model.config import ModelConfig
@@ -92,8 +92,7 @@ async def measure(weights: str, settings: Settings, streams: int, tokens: int) -
         await server.engine.shutdown(grace=0)
         gc.unfreeze()
 
-    def total(name: str, boundary: str | None = None) -> float:
-        labels = None if boundary is None else {"boundary": boundary}
+    def total(name: str, **labels: str) -> float:
         return server.metrics.registry.get_sample_value(name, labels) or 0.0
 
     return {
@@ -101,7 +100,7 @@ async def measure(weights: str, settings: Settings, streams: int, tokens: int) -
         "sleeps": total("sleepserve_sleep_passes_count"),
         "passes": total("sleepserve_sleep_passes_sum"),
         "deadline_misses": int(total("sleepserve_sleep_deadline_misses_total")),
-        "steps": step_times(total),
+        **server_times(total),
     }
 
 
@@ -115,7 +114,7 @@ def pool(name: str, rounds: list[dict]) -> dict:
         "itl_p99_ms_rounds": [float(np.percentile(one["itl_ms"], 99)) for one in rounds],
         "deadline_misses": sum(one["deadline_misses"] for one in rounds),
         "mean_passes": sum(one["passes"] for one in rounds) / sleeps if sleeps else 0.0,
-        **step_means(rounds),
+        **server_means(rounds),
     }
 
 
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     tokens = (args.boundaries + 1) * load_model(args.weights, "lagged").config.window
-    flags = sleep_overlap.systems(args.passes, args.max_passes)
+    flags = sleep_overlap.systems(args.passes, args.max_passes, args.sleeper_nice)
     settings = {name: settings_from_args(flags[name]) for name in SYSTEMS}
     rounds: dict[str, list[dict]] = {name: [] for name in SYSTEMS}
     for i in range(args.rounds):
@@ -146,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": args.rounds,
         "threads": args.threads,
         "weights": args.weights,
+        "sleeper_nice": args.sleeper_nice,
         "systems": rows,
         "p99_ratio": product["itl_p99_ms"] / base["itl_p99_ms"],
     }
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{row['name']:>17}: ITL p50 {row['itl_p50_ms']:5.2f} ms  p99 {row['itl_p99_ms']:6.2f} ms  "
             f"misses {row['deadline_misses']}  mean N {row['mean_passes']:.2f}  "
-            f"step {row['step_ms_none']:.2f} ms, crossing {row['step_ms_crossed']:.2f} ms"
+            f"step {row['step_ms_none']:.2f} ms, crossing {row['step_ms_crossed']:.2f} ms  "
+            f"hand-off {row['handoff_ms_mean']:.2f} ms ({row['handoff_share_slow']:.1%} over 2 ms)"
         )
     print(f"p99 ratio {report['p99_ratio']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

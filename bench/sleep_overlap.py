@@ -41,12 +41,13 @@ from model.config import ModelConfig
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def systems(passes: int, max_passes: int) -> dict[str, list[str]]:
-    """Server flags of each system."""
+def systems(passes: int, max_passes: int, sleeper_nice: int = 0) -> dict[str, list[str]]:
+    """Server flags of each system; `sleeper_nice` is that of the scheduled systems' sleeper process."""
+    scheduled = ["--sleeper-nice", str(sleeper_nice)] if sleeper_nice else []
     return {
         "no-sleep": ["--schedule", "hard", "--sleep-passes", "1"],
         "hard-sync": ["--schedule", "hard", "--sleep-passes", str(passes), "--sleep-mode", "inline"],
-        "hard-scheduled": ["--schedule", "hard", "--sleep-passes", str(passes)],
+        "hard-scheduled": ["--schedule", "hard", "--sleep-passes", str(passes), *scheduled],
         "lagged-scheduled": [
             "--schedule",
             "lagged",
@@ -54,6 +55,7 @@ def systems(passes: int, max_passes: int) -> dict[str, list[str]]:
             "auto",
             "--max-passes",
             str(max_passes),
+            *scheduled,
         ],
     }
 
@@ -71,23 +73,42 @@ def scrape(metrics: str, name: str, **labels: str) -> float:
 BOUNDARY = ("none", "crossed")  # the labels of sleepserve_engine_step_seconds
 
 
-def step_times(sample: Callable[[str, str], float]) -> dict[str, list[float]]:
-    """[seconds, steps] of the engine's iterations by boundary label; `sample(name, boundary)` reads
-    a sample of the server's metrics."""
+HANDOFF = "sleepserve_output_handoff_seconds"
+SLOW_HANDOFF = "0.002"  # a histogram bucket's bound (s): a hand-off slower than this waited for a core
+
+
+def server_times(sample: Callable[..., float]) -> dict[str, dict[str, list[float]] | list[float]]:
+    """From the server's metrics (`sample(name, **labels)` reads one sample): [seconds, steps] of the
+    engine's iterations by boundary label, and [seconds, count, count slower than SLOW_HANDOFF] of
+    the hand-offs of outputs to the event loop."""
+    count = sample(HANDOFF + "_count")
     return {
-        boundary: [sample(f"sleepserve_engine_step_seconds_{part}", boundary) for part in ("sum", "count")]
-        for boundary in BOUNDARY
+        "steps": {
+            boundary: [
+                sample(f"sleepserve_engine_step_seconds_{part}", boundary=boundary)
+                for part in ("sum", "count")
+            ]
+            for boundary in BOUNDARY
+        },
+        "handoff": [sample(HANDOFF + "_sum"), count, count - sample(HANDOFF + "_bucket", le=SLOW_HANDOFF)],
     }
 
 
-def step_means(rounds: list[dict]) -> dict[str, float]:
-    """Mean engine step (ms) by boundary label over all rounds, and the number of crossing steps: what
-    a boundary costs every stream, apart from the sleep's own timing."""
+def server_means(rounds: list[dict]) -> dict[str, float]:
+    """Over all rounds: the mean engine step (ms) by boundary label and the number of crossing steps
+    (what a boundary costs every stream, apart from the sleep's own timing), and the mean hand-off of
+    outputs to the event loop (ms) with the share slower than SLOW_HANDOFF."""
     totals = {b: [sum(one["steps"][b][i] for one in rounds) for i in (0, 1)] for b in BOUNDARY}
     means = {
         f"step_ms_{b}": seconds / count * 1e3 if count else 0.0 for b, (seconds, count) in totals.items()
     }
-    return {**means, "crossing_steps": int(totals["crossed"][1])}
+    seconds, count, slow = (sum(one["handoff"][i] for one in rounds) for i in range(3))
+    return {
+        **means,
+        "crossing_steps": int(totals["crossed"][1]),
+        "handoff_ms_mean": seconds / count * 1e3 if count else 0.0,
+        "handoff_share_slow": slow / count if count else 0.0,
+    }
 
 
 def measure(
@@ -114,7 +135,7 @@ def measure(
         "passes": scrape(metrics, "sleepserve_sleep_passes_sum"),
         "decode_stall_s": scrape(metrics, "sleepserve_decode_stall_seconds_sum"),
         "decode_stalls": scrape(metrics, "sleepserve_decode_stall_seconds_count"),
-        "steps": step_times(lambda name, boundary: scrape(metrics, name, boundary=boundary)),
+        **server_times(lambda name, **labels: scrape(metrics, name, **labels)),
     }
 
 
@@ -135,7 +156,7 @@ def pool(name: str, flags: list[str], rounds: list[dict]) -> dict:
         "sleeps": int(sleeps),
         "decode_stall_s": sum(one["decode_stall_s"] for one in rounds),
         "decode_stalls": int(sum(one["decode_stalls"] for one in rounds)),  # times a session waited
-        **step_means(rounds),
+        **server_means(rounds),
         "output_tokens_per_s": summary["output_throughput"],
         "streams": [  # the first round's, for the plot
             {
@@ -188,6 +209,7 @@ def workload_arguments(description: str, rounds: int) -> argparse.ArgumentParser
     parser.add_argument("--max-passes", type=int, default=4, help="largest N of the adaptive system")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds of every system")
+    parser.add_argument("--sleeper-nice", type=int, default=0, help="nice value of the sleeper process")
     return parser
 
 
@@ -199,7 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = ModelConfig()
     tokens = (args.boundaries + 1) * config.window
-    flags = {name: [*f, "--device", args.device] for name, f in systems(args.passes, args.max_passes).items()}
+    flags = {
+        name: [*f, "--device", args.device]
+        for name, f in systems(args.passes, args.max_passes, args.sleeper_nice).items()
+    }
     rounds: dict[str, list[dict]] = {name: [] for name in flags}
     with tempfile.TemporaryDirectory(prefix="sleep-overlap-") as folder:
         checkpoint = save_random(config, Path(folder) / "model")
@@ -218,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['name']:>17}: ITL p50 {row['itl_p50_ms']:6.2f} ms  p99 {row['itl_p99_ms']:6.2f} ms  "
             f"max {row['itl_max_ms']:6.1f} ms  misses {row['deadline_misses']}  mean N {row['mean_passes']:.2f}  "
             f"stalls {row['decode_stalls']} ({row['decode_stall_s'] * 1e3:.0f} ms)  "
-            f"step {row['step_ms_none']:.2f} ms, crossing {row['step_ms_crossed']:.2f} ms"
+            f"step {row['step_ms_none']:.2f} ms, crossing {row['step_ms_crossed']:.2f} ms  "
+            f"hand-off {row['handoff_ms_mean']:.2f} ms ({row['handoff_share_slow']:.1%} over 2 ms)"
         )
     report = {
         "machine": machine(),
@@ -228,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_tokens": 8,
         "tokens_per_stream": tokens,
         "rounds": args.rounds,
+        "sleeper_nice": args.sleeper_nice,
         "systems": rows,
     }
     base, product = rows[0], rows[-1]

@@ -9,7 +9,8 @@ and runs them as one batched `model.sleep` through a sleeper:
 - `ProcessSleeper`: in a child process holding a copy of the weights. On CPU a small model's step is
   mostly Python, so a sleep on a thread of the server holds the GIL that the decode loop needs; in a
   child process it takes another core instead. Only the chunk, the memory and the new memory cross the
-  pipe (a few kilobytes).
+  pipe (a few kilobytes). With `nice` > 0 the child runs behind the server's threads (see
+  `_background_priority`).
 The engine polls `future.done()` between decode steps and swaps the memory in; when a session cannot go
 on without it (its deadline), `future.result()` blocks, and that wait is the decode stall.
 """
@@ -17,8 +18,12 @@ on without it (its deadline), `future.result()` blocks, and that wait is the dec
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
+import os
+import platform
+import struct
 import threading
 import time
 from collections import Counter
@@ -110,12 +115,15 @@ class LocalSleeper:
 
 
 class ProcessSleeper:
-    """Runs `model.sleep` in a child process with a copy of the weights (CPU only). One call at a
-    time; a child that dies is restarted and the call retried once."""
+    """Runs `model.sleep` in a child process with a copy of the weights (CPU only), at `nice` below the
+    server's priority. One call at a time; a child that dies is restarted and the call retried once."""
 
-    def __init__(self, model: HybridLM) -> None:
+    def __init__(self, model: HybridLM, nice: int = 0) -> None:
         if model.device.type != "cpu":
             raise ValueError("the process sleeper runs on CPU; on CUDA use the thread sleeper (own stream)")
+        if not 0 <= nice <= 19:
+            raise ValueError(f"nice must lie in [0, 19], got {nice}")
+        self.nice = nice
         self._config = model.config.to_dict()
         self._weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
         self._lock = threading.Lock()
@@ -127,7 +135,7 @@ class ProcessSleeper:
         weights = {name: t.numpy() for name, t in self._weights.items()}
         self._process = context.Process(
             target=_serve_sleeps,
-            args=(child, self._config, weights),
+            args=(child, self._config, weights, self.nice),
             name="sleepserve-sleeper",
             daemon=True,
         )
@@ -162,9 +170,35 @@ class ProcessSleeper:
         self._conn.close()
 
 
-def _serve_sleeps(conn: Connection, config: dict, weights: dict) -> None:
+# The kernel's shortest time slice (struct sched_attr's sched_runtime for SCHED_OTHER, Linux ≥ 6.12) and
+# the number of its sched_setattr system call, which Python's os module does not wrap.
+_SHORTEST_SLICE_NS = 100_000
+_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}
+
+
+def _background_priority(nice: int) -> None:
+    """Put this process behind the server's threads: `nice` lowers its share of a contended core, and
+    the shortest time slice (where the kernel takes one: EEVDF, Linux ≥ 6.12) lets a thread that wakes
+    up, as the event loop does to hand a step's tokens out, take the core from it at once rather than
+    at the end of its slice or the next scheduler tick (4 ms at HZ = 250)."""
+    os.nice(nice)
+    number = _SCHED_SETATTR.get(platform.machine())
+    if number is None:
+        return
+    # struct sched_attr, first version (48 bytes): size, policy, flags, nice, priority, runtime,
+    # deadline, period.
+    attr = struct.pack(
+        "IIQiIQQQ", 48, os.SCHED_OTHER, 0, os.getpriority(os.PRIO_PROCESS, 0), 0, _SHORTEST_SLICE_NS, 0, 0
+    )
+    if ctypes.CDLL(None, use_errno=True).syscall(number, 0, ctypes.c_char_p(attr), 0) != 0:
+        log.debug("sched_setattr: %s (an older kernel: nice alone applies)", os.strerror(ctypes.get_errno()))
+
+
+def _serve_sleeps(conn: Connection, config: dict, weights: dict, nice: int) -> None:
     """The child process of `ProcessSleeper`: answers (memory, chunk, passes) with the new memory."""
     torch.set_num_threads(1)  # the sleeper takes one core beside the decode loop, no more
+    if nice:
+        _background_priority(nice)
     model = HybridLM(ModelConfig.from_dict(config))
     model.load_state_dict({name: torch.from_numpy(array) for name, array in weights.items()})
     model.eval()
@@ -186,7 +220,8 @@ def _serve_sleeps(conn: Connection, config: dict, weights: dict) -> None:
 
 class SleepExecutor:
     """Runs consolidation jobs on `workers` threads, batching up to `max_batch` equal jobs. With
-    isolation="process" each worker thread hands its batches to a child process of its own.
+    isolation="process" each worker thread hands its batches to a child process of its own, run at
+    `nice` below the server's priority (`ProcessSleeper`).
     `batch_wait`: how long (seconds, of the real clock) a worker may hold the earliest job back for
     equal jobs to join its batch, as when sessions cross their boundaries a step apart; only while the
     job can still finish by its deadline (so never a job due now), and no longer once the batch is full.
@@ -201,15 +236,19 @@ class SleepExecutor:
         policy: DepthPolicy | None = None,
         metrics: SleepMetrics | None = None,
         isolation: Isolation = "thread",
+        nice: int = 0,
         batch_wait: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch < 1 or workers < 1 or batch_wait < 0:
             raise ValueError("max_batch and workers must be positive, batch_wait not negative")
+        if nice and isolation != "process":
+            raise ValueError("nice sets the priority of a sleeper process: it needs isolation='process'")
         self.model, self.max_batch, self.batch_wait, self.clock = model, max_batch, batch_wait, clock
         self.policy, self.metrics = policy, metrics
         self._sleepers: list[LocalSleeper | ProcessSleeper] = [
-            ProcessSleeper(model) if isolation == "process" else LocalSleeper(model) for _ in range(workers)
+            ProcessSleeper(model, nice) if isolation == "process" else LocalSleeper(model)
+            for _ in range(workers)
         ]
         self._queue = JobQueue()
         self._futures: dict[int, Future[SleepResult]] = {}

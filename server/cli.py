@@ -39,6 +39,7 @@ SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
     ("--schedule", "schedule", str, "hard | lagged (default: the checkpoint's)"),
     ("--sleep-mode", "sleep_mode", str, "background (off the decode path, default) | inline"),
     ("--sleep-worker", "sleep_worker", str, "auto (default) | thread | process: where background sleep runs"),
+    ("--sleeper-nice", "sleeper_nice", int, "nice value of the sleeper process, 0 (default) to 19"),
     (
         "--sleep-passes",
         "sleep_passes",

@@ -78,7 +78,12 @@ def build_server(settings: Settings, model: HybridLM | None = None) -> Server:
         if isolation == "auto":
             isolation = "process" if model.device.type == "cpu" else "thread"
         executor = SleepExecutor(
-            model, policy=policy, metrics=metrics, isolation=isolation, batch_wait=settings.sleep_batch_wait
+            model,
+            policy=policy,
+            metrics=metrics,
+            isolation=isolation,
+            nice=settings.sleeper_nice,
+            batch_wait=settings.sleep_batch_wait,
         )
         executor.calibrate(config.window)
     store = open_store(

@@ -635,9 +635,16 @@ class Engine:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., object], tuple]]] = {}
         for loop, fn, args in outbox:
             by_loop.setdefault(loop, []).append((fn, args))
+        handed = time.perf_counter()
         for loop, calls in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-                loop.call_soon_threadsafe(_run_all, calls)
+                loop.call_soon_threadsafe(self._hand_over, handed, calls)
+
+    def _hand_over(self, handed: float, calls: list[tuple[Callable[..., object], tuple]]) -> None:
+        """On the event loop: run a flush's calls, timing how long they waited for the loop."""
+        self.metrics.output_handoff.observe(time.perf_counter() - handed)
+        for fn, args in calls:
+            fn(*args)
 
     def _update_gauges(self) -> None:
         self.metrics.requests_running.set(len(self.running))
@@ -645,11 +652,6 @@ class Engine:
         capacity = self.model.config.window_capacity
         fills = [len(s.state.tail) / capacity for s in self.running]
         self.metrics.kv_window_usage_ratio.set(sum(fills) / len(fills) if fills else 0.0)
-
-
-def _run_all(calls: list[tuple[Callable[..., object], tuple]]) -> None:
-    for fn, args in calls:
-        fn(*args)
 
 
 def _set_result(future: asyncio.Future, value: Output) -> None:

@@ -53,6 +53,13 @@ class Metrics:
             buckets=_GAP,
             registry=r,
         )
+        self.output_handoff = Histogram(
+            p + "output_handoff_seconds",
+            "Time from the engine handing a step's outputs to the event loop until the loop runs them: "
+            "how long the loop waited for a core or the GIL.",
+            buckets=_GAP,
+            registry=r,
+        )
         self.decode_batch_size = Histogram(
             p + "decode_batch_size",
             "Sequences stepped together per engine iteration.",

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     # a child process ("process": on CPU it then never holds the decode loop's GIL). "auto": process
     # on CPU, thread on CUDA.
     sleep_worker: Literal["auto", "thread", "process"] = "auto"
+    # How far below the server the sleeper process runs (a nice value, 0-19): on a machine whose cores
+    # the sleeper shares with the decode loop and the event loop, a high value (with the kernel's
+    # shortest time slice, where it has one) keeps the loop's hand-out of tokens from waiting behind a
+    # sleep, at the cost of shallower sleeps when the CPU is short.
+    sleeper_nice: int = Field(0, ge=0, le=19)
     sleep_passes: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     # The idle trigger: consolidate a session's tail after this many idle seconds (None: off; needs a
     # checkpoint trained with variable chunk lengths), on this replica or ("remote") by `sleepserve
@@ -70,6 +75,10 @@ class Settings(BaseSettings):
             raise ValueError("idle_worker=remote needs the Redis store")
         if self.sleep_worker == "process" and self.device != "cpu":
             raise ValueError("sleep_worker=process runs on CPU; on a GPU use thread (its own CUDA stream)")
+        if self.sleeper_nice and (self.sleep_worker == "thread" or self.device != "cpu"):
+            raise ValueError(
+                "sleeper_nice sets the sleeper process's priority: it needs sleep_worker process (CPU)"
+            )
         if self.sleep_passes == "auto" and self.sleep_mode != "background":
             raise ValueError("sleep_passes=auto (adaptive depth) needs sleep_mode=background")
         if isinstance(self.sleep_passes, int) and not self.min_passes <= self.sleep_passes <= self.max_passes:

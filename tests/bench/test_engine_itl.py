@@ -21,4 +21,5 @@ def test_engine_itl_measures_both_systems(tmp_path, weights) -> None:
     for row in (no_sleep, lagged):
         assert 0 < row["itl_p50_ms"] <= row["itl_p99_ms"] and len(row["itl_p99_ms_rounds"]) == 1
         assert row["crossing_steps"] >= 1 and row["step_ms_none"] > 0 and row["step_ms_crossed"] > 0
+        assert row["handoff_ms_mean"] > 0 and 0 <= row["handoff_share_slow"] <= 1
     assert report["p99_ratio"] == lagged["itl_p99_ms"] / no_sleep["itl_p99_ms"]

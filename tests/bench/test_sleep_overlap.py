@@ -1,10 +1,11 @@
-"""bench.sleep_overlap's reading of a server's metrics: samples by label, engine steps pooled over rounds."""
+"""bench.sleep_overlap's reading of a server's metrics: samples by label, engine steps and output
+hand-offs pooled over rounds."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.sleep_overlap import scrape, step_means, step_times
+from bench.sleep_overlap import scrape, server_means, server_times
 
 METRICS = """\
 # HELP sleepserve_engine_step_seconds Duration of an engine iteration.
@@ -15,6 +16,11 @@ sleepserve_engine_step_seconds_sum{boundary="crossed"} 0.05
 sleepserve_sleep_duration_seconds_count{trigger="idle"} 2.0
 sleepserve_sleep_duration_seconds_count{trigger="window_full"} 3.0
 sleepserve_sleep_deadline_misses_total 1.0
+sleepserve_output_handoff_seconds_bucket{le="0.001"} 80.0
+sleepserve_output_handoff_seconds_bucket{le="0.002"} 95.0
+sleepserve_output_handoff_seconds_bucket{le="+Inf"} 100.0
+sleepserve_output_handoff_seconds_count 100.0
+sleepserve_output_handoff_seconds_sum 0.06
 """
 
 
@@ -26,12 +32,16 @@ def test_scrape_sums_the_label_sets_that_match() -> None:
     assert scrape(METRICS, "sleepserve_engine_step_seconds_sum", boundary="other") == 0.0
 
 
-def test_step_means_pool_the_rounds() -> None:
-    one = {"steps": step_times(lambda name, boundary: scrape(METRICS, name, boundary=boundary))}
+def test_server_means_pool_the_rounds() -> None:
+    one = server_times(lambda name, **labels: scrape(METRICS, name, **labels))
     assert one["steps"] == {"none": [0.18, 90.0], "crossed": [0.05, 10.0]}
-    idle = {"steps": {"none": [0.02, 10.0], "crossed": [0.0, 0.0]}}
-    means = step_means([one, idle])
+    assert one["handoff"] == [0.06, 100.0, 5.0]  # 5 of 100 slower than 2 ms
+    idle = {"steps": {"none": [0.02, 10.0], "crossed": [0.0, 0.0]}, "handoff": [0.0, 0.0, 0.0]}
+    means = server_means([one, idle])
     assert means["step_ms_none"] == pytest.approx(2.0)  # 0.2 s over 100 steps
     assert means["step_ms_crossed"] == pytest.approx(5.0)
     assert means["crossing_steps"] == 10
-    assert step_means([idle])["step_ms_crossed"] == 0.0  # no crossing step: no mean, no division
+    assert means["handoff_ms_mean"] == pytest.approx(0.6)
+    assert means["handoff_share_slow"] == pytest.approx(0.05)
+    quiet = server_means([idle])
+    assert quiet["step_ms_crossed"] == quiet["handoff_ms_mean"] == 0.0  # nothing counted: no division

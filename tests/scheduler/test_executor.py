@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
+import re
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,6 +216,27 @@ def test_process_isolation_equals_model_sleep_and_survives_a_killed_child(model:
     finally:
         executor.shutdown()
     assert not sleeper._process.is_alive()
+
+
+def test_a_niced_sleeper_process_runs_behind_the_server(model: HybridLM) -> None:
+    """`nice` lowers the child's priority by that much and, on a kernel that takes custom slices
+    (EEVDF, Linux ≥ 6.12), gives it the shortest; its results do not change."""
+    with pytest.raises(ValueError, match="isolation='process'"):
+        SleepExecutor(model, isolation="thread", nice=5)
+    executor = SleepExecutor(model, isolation="process", nice=5)
+    try:
+        job = random_job(model, 27)
+        result = executor.submit(job).result(timeout=60)  # the child has set its priority by now
+        for got, want in zip(result.memory, direct(model, job, 2), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        pid = executor._sleepers[0]._process.pid
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(os.getpriority(os.PRIO_PROCESS, 0) + 5, 19)
+        release = tuple(int(part) for part in re.findall(r"\d+", platform.release())[:2])
+        if platform.system() == "Linux" and release >= (6, 12):
+            sched = Path(f"/proc/{pid}/sched").read_text()
+            assert re.search(r"^se\.slice\s+:\s+100000$", sched, flags=re.M), sched
+    finally:
+        executor.shutdown()
 
 
 def test_jobs_submitted_together_run_as_one_batch(model: HybridLM) -> None:

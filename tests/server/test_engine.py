@@ -4,6 +4,7 @@ across window boundaries in both schedules, stop handling, aborts, queue bound a
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -146,7 +147,7 @@ async def test_a_step_wakes_the_event_loop_once(make_engine):
     """The outputs of one engine step reach the requests' event loop in one call for the step's tokens
     (made before any boundary work) and at most one more for what ended after them, not one per stream
     (each call wakes the loop, which then contends with the decode loop for the GIL); in order: every
-    text equals the reference."""
+    text equals the reference. Each call's wait for the loop is observed once."""
 
     class CountingLoop:
         def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -171,10 +172,16 @@ async def test_a_step_wakes_the_event_loop_once(make_engine):
             before = loop.calls
             engine.step()
             calls_per_step.append(loop.calls - before)
+    time.sleep(0.02)  # the loop is held: every handed-over call waits at least this long for it
     results = await asyncio.gather(*(collect(h) for h in handles))
     assert max(calls_per_step) <= 2 < len(prompts)
     for prompt, (text, _) in zip(prompts, results, strict=True):
         assert text == reference(model, prompt, 12)
+    handoff = engine.metrics.output_handoff.collect()[0].samples
+    count = next(s.value for s in handoff if s.name.endswith("_count"))
+    waited = next(s.value for s in handoff if s.name.endswith("_sum"))
+    assert count == sum(calls_per_step)
+    assert waited >= 0.02 * count
 
 
 async def test_stop_strings_cut_the_text(make_engine):
