@@ -359,6 +359,7 @@ def test_alerts_cover_the_failure_modes() -> None:
         "rate(sleepserve_sleep_deadline_misses_total",
         "histogram_quantile(0.99, sum by (job, le) (rate(sleepserve_decode_stall_seconds_bucket",
         "histogram_quantile(0.99, sum by (job, le) (rate(sleepserve_inter_token_latency_seconds_bucket",
+        "histogram_quantile(0.99, sum by (job, le) (rate(sleepserve_output_handoff_seconds_bucket",
         "rate(sleepserve_store_errors_total",
     ):
         assert needle in exprs, needle
