@@ -6,9 +6,9 @@ reaches its request's asyncio queue, and each gap is spread over the tokens it c
 harness spreads its chunks (`bench.stats.spread_itl`), so the numbers compare with sleep_overlap's.
 
 Systems: sleep_overlap's no-sleep (`hard`, N = 1) and lagged-scheduled (`lagged`, adaptive N), from its
-serve flags; interleaved rounds, percentiles over the pooled gaps, and the engine's mean iteration apart
-and at a window boundary (`sleepserve_engine_step_seconds{boundary}`). Writes
-bench/results/engine_itl.json.
+serve flags; interleaved rounds, percentiles over the pooled gaps, the engine's mean iteration apart
+and at a window boundary (`sleepserve_engine_step_seconds{boundary}`) and the mean hand-off of outputs
+to the event loop (`sleepserve_output_handoff_seconds`). Writes bench/results/engine_itl.json.
 
 `--weights`: `random` (default, as sleep_overlap) or `checkpoint` (the shipped model). The weights do
 not change a step's cost, but they change how the text is cut: random weights emit random bytes, many
@@ -17,6 +17,8 @@ several steps; the trained model writes ASCII, about one output per token, so it
 
     python -m bench.engine_itl
     python -m bench.engine_itl --weights checkpoint --out bench/results/engine_itl_checkpoint.json
+    python -m bench.engine_itl --weights checkpoint --sleeper-nice 19 \
+        --out bench/results/engine_itl_checkpoint_nice19.json
 """
 
 from __future__ import annotations

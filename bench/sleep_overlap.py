@@ -9,13 +9,16 @@ against four servers, measured from the client side (the streaming harness of be
 The model is the default ModelConfig with random weights: latency depends on the shapes, not the
 weights. A p99 over one short run moves by a third from run to run on a small machine, so the systems
 are measured in `--rounds` interleaved rounds (a fresh server each time) and the percentiles are taken
-over the pooled samples of all rounds; each round's own p99 is kept beside them, and so is each server's
-mean engine iteration apart and at a window boundary (its `sleepserve_engine_step_seconds`). Writes
+over the pooled samples of all rounds; each round's own p99 is kept beside them, and so are each server's
+mean engine iteration apart and at a window boundary (its `sleepserve_engine_step_seconds`) and its mean
+hand-off of outputs to the event loop (`sleepserve_output_handoff_seconds`). `--sleeper-nice` runs the
+scheduled systems' sleeper process that much below the server. Writes
 bench/results/sleep_overlap.json and a PNG of inter-token latency over time (the first round) with each
 stream's window boundaries marked.
 
     python -m bench.sleep_overlap
     python -m bench.sleep_overlap --device cuda --out bench/results/sleep_overlap_cuda.json
+    python -m bench.sleep_overlap --sleeper-nice 19 --out bench/results/sleep_overlap_nice19.json
 """
 
 from __future__ import annotations
@@ -71,8 +74,6 @@ def scrape(metrics: str, name: str, **labels: str) -> float:
 
 
 BOUNDARY = ("none", "crossed")  # the labels of sleepserve_engine_step_seconds
-
-
 HANDOFF = "sleepserve_output_handoff_seconds"
 SLOW_HANDOFF = "0.002"  # a histogram bucket's bound (s): a hand-off slower than this waited for a core
 
