@@ -10,7 +10,8 @@ serve flags; interleaved rounds, percentiles over the pooled gaps, the engine's 
 and at a window boundary (`sleepserve_engine_step_seconds{boundary}`) and the mean hand-off of outputs
 to the event loop (`sleepserve_output_handoff_seconds`). Writes bench/results/engine_itl.json.
 
-`--weights`: `random` (default, as sleep_overlap) or `checkpoint` (the shipped model). The weights do
+`--weights`: `random` (default, as sleep_overlap; its lagged construction `--lagged-construction`) or
+`checkpoint` (the shipped model, or the one in `--checkpoint`). The weights do
 not change a step's cost, but they change how the text is cut: random weights emit random bytes, many
 of them parts of a multi-byte character, so an output often waits for several tokens and its gap spans
 several steps; the trained model writes ASCII, about one output per token, so its gaps are the steps.
@@ -70,20 +71,19 @@ async def stream(engine: Engine, model: HybridLM, index: int, tokens: int) -> li
     raise AssertionError("a request ended without its final output")
 
 
-def load_model(weights: str, schedule: str) -> HybridLM:
-    """The default config's model with random weights (seed 0), or the shipped checkpoint, in `schedule`."""
-    if weights == "checkpoint":
-        model = load_checkpoint(DEFAULT_CHECKPOINT)
+def load_model(source: str, schedule: str, construction: str = "re-prefill") -> HybridLM:
+    """The default config's model with random weights (seed 0, `construction`) where `source` is
+    "random", else the checkpoint in folder `source`; in `schedule`."""
+    if source != "random":
+        model = load_checkpoint(source)
         model.config = model.config.replace(schedule=schedule)
         return model
     torch.manual_seed(0)
-    return HybridLM(ModelConfig(schedule=schedule)).eval()
+    return HybridLM(ModelConfig(schedule=schedule, lagged_construction=construction)).eval()
 
 
-async def measure(weights: str, settings: Settings, streams: int, tokens: int) -> dict:
-    """One round of one system: a fresh engine (and sleeper), `streams` concurrent streams."""
-    assert settings.schedule is not None  # every system names its schedule
-    model = load_model(weights, settings.schedule)
+async def measure(model: HybridLM, settings: Settings, streams: int, tokens: int) -> dict:
+    """One round of one system on `model`: a fresh engine (and sleeper), `streams` concurrent streams."""
     server = build_server(settings, model)
     gc.collect()
     gc.freeze()  # as the app does before it starts the engine
@@ -123,17 +123,22 @@ def pool(name: str, rounds: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = workload_arguments(__doc__, rounds=4)
     parser.add_argument("--weights", choices=["random", "checkpoint"], default="random")
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="with --weights checkpoint")
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_itl.json")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    tokens = (args.boundaries + 1) * load_model(args.weights, "lagged").config.window
+    source = args.checkpoint if args.weights == "checkpoint" else "random"
+    lagged = load_model(source, "lagged", args.lagged_construction).config
+    tokens = (args.boundaries + 1) * lagged.window
     flags = sleep_overlap.systems(args.passes, args.max_passes, args.sleeper_nice)
     settings = {name: settings_from_args(flags[name]) for name in SYSTEMS}
     rounds: dict[str, list[dict]] = {name: [] for name in SYSTEMS}
     for i in range(args.rounds):
         for name in SYSTEMS:
-            one = asyncio.run(measure(args.weights, settings[name], args.streams, tokens))
+            assert settings[name].schedule is not None  # every system names its schedule
+            model = load_model(source, settings[name].schedule, args.lagged_construction)
+            one = asyncio.run(measure(model, settings[name], args.streams, tokens))
             rounds[name].append(one)
             print(
                 f"round {i + 1}/{args.rounds} {name:>17}: ITL p99 {np.percentile(one['itl_ms'], 99):6.2f} ms"
@@ -147,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": args.rounds,
         "threads": args.threads,
         "weights": args.weights,
+        "checkpoint": None if source == "random" else source,
+        "lagged_construction": lagged.lagged_construction,
         "sleeper_nice": args.sleeper_nice,
         "systems": rows,
         "p99_ratio": product["itl_p99_ms"] / base["itl_p99_ms"],

@@ -211,6 +211,12 @@ def workload_arguments(description: str, rounds: int) -> argparse.ArgumentParser
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds of every system")
     parser.add_argument("--sleeper-nice", type=int, default=0, help="nice value of the sleeper process")
+    parser.add_argument(
+        "--lagged-construction",
+        choices=["re-prefill", "stale-kv"],
+        default="re-prefill",
+        help="of the random-weight model (a checkpoint's own is its config's)",
+    )
     return parser
 
 
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS / "sleep_overlap.json")
     args = parser.parse_args(argv)
 
-    config = ModelConfig()
+    config = ModelConfig(lagged_construction=args.lagged_construction)
     tokens = (args.boundaries + 1) * config.window
     flags = {
         name: [*f, "--device", args.device]
@@ -252,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
         "server_threads": args.threads,
         "window": config.window,
+        "lagged_construction": config.lagged_construction,
         "prompt_tokens": 8,
         "tokens_per_stream": tokens,
         "rounds": args.rounds,

@@ -36,9 +36,12 @@ class ModelConfig:
     # from the start, or the gradient never reaches the facts.
     gdn_dt_min: float = 1e-3
     gdn_dt_max: float = 1e-1
-    # The lagged construction this model was trained with (design.md): the previous chunk is run once
-    # more from M_{j-2} at each boundary, so its keys and values are exactly pass 1 of its sleep.
-    lagged_construction: Literal["re-prefill"] = "re-prefill"
+    # The lagged construction this model was trained with (design.md). "re-prefill": at each boundary
+    # the completed chunk is run once more from M_{j-1}, so its keys and values are pass 1 of its
+    # sleep. "stale-kv": it keeps the keys and values of its own decoding and the fast weights restart
+    # from the memory, so a boundary recomputes nothing; the completed chunk then reaches the network
+    # only through the first block's attention, which needs that block to be the only attention block.
+    lagged_construction: Literal["re-prefill", "stale-kv"] = "re-prefill"
     # Trained with chunk lengths drawn from [window // 2, window]: the server may consolidate early.
     variable_chunks: bool = False
 
@@ -50,11 +53,22 @@ class ModelConfig:
             raise ValueError(f"layers must be a non-empty list of {LAYER_KINDS}, got {self.layers}")
         if self.window < 1 or self.sleep_passes < 1:
             raise ValueError("window and sleep_passes must be positive")
+        if self.lagged_construction not in ("re-prefill", "stale-kv"):
+            raise ValueError(f"unknown lagged_construction {self.lagged_construction!r}")
+        if self.lagged_construction == "stale-kv" and (self.layers[0] != "attn" or "attn" in self.layers[1:]):
+            raise ValueError(
+                "lagged_construction stale-kv needs the first block, and only it, to be attention"
+            )
 
     @property
     def lag(self) -> int:
         """Completed chunks that attention still sees: 0 for hard, 1 for lagged."""
         return 1 if self.schedule == "lagged" else 0
+
+    @property
+    def stale_kv(self) -> bool:
+        """Whether the previous chunk stays in the window as stale keys and values (lagged only)."""
+        return self.schedule == "lagged" and self.lagged_construction == "stale-kv"
 
     @property
     def window_capacity(self) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from model.attention import KVCache, WindowAttention
+from model.attention import KVCache, WindowAttention, rotary
 from model.config import ModelConfig
 from model.gdn import FastWeightCache, GatedDeltaNet
 
@@ -48,6 +48,16 @@ class WindowCache:
                     FastWeightCache(torch.cat([p.fast for p in parts]), torch.cat([p.conv for p in parts]))
                 )
         return WindowCache(layers, torch.cat([c.lengths for c in caches]))
+
+    def write_rows(self, rows: list[int], window: WindowCache) -> None:
+        """Overwrite the given rows of this batch with the rows of `window`, in order, in place."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        for mine, theirs in zip(self.layers, window.layers, strict=True):
+            if isinstance(mine, KVCache):
+                mine.keys[index], mine.values[index] = theirs.keys, theirs.values
+            else:
+                mine.fast[index], mine.conv[index] = theirs.fast, theirs.conv
+        self.lengths[index] = window.lengths
 
     def write_row(self, row: int, window: WindowCache, source: int = 0) -> None:
         """Overwrite one row of this batch with row `source` of `window`, in place."""
@@ -139,13 +149,17 @@ class HybridLM(nn.Module):
 
     # -- passes ------------------------------------------------------------------------------------
 
-    def run_blocks(self, h: Tensor, fast: Memory) -> tuple[Tensor, Memory]:
-        """One pass of the block stack over a window from its start. h: [B, T, d] -> (h, fast)."""
+    def run_blocks(self, h: Tensor, fast: Memory, stale: int = 0) -> tuple[Tensor, Memory]:
+        """One pass of the block stack over a window from its start. h: [B, T, d] -> (h, fast), h of the
+        last T - stale positions: the first `stale` tokens (stale-kv's previous chunk) are keys and
+        values of the first block's attention and nothing else."""
         fast_in, fast_out = iter(fast), []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = block.mixer_norm(h)
             if block.kind == "attn":
                 y, _, _ = block.mixer(x)
+                if stale and i == 0:
+                    h, y = h[:, stale:], y[:, stale:]
             else:
                 y, new_fast, _ = block.mixer(x, next(fast_in))
                 fast_out.append(new_fast)
@@ -156,9 +170,10 @@ class HybridLM(nn.Module):
     def logits(self, h: Tensor) -> Tensor:
         return self.head(self.norm(h))
 
-    def forward(self, tokens: Tensor, memory: Memory) -> Tensor:
-        """Logits [B, T, vocab] of one window pass over tokens [B, T] that starts from `memory`."""
-        h, _ = self.run_blocks(self.embed(tokens), memory)
+    def forward(self, tokens: Tensor, memory: Memory, stale: int = 0) -> Tensor:
+        """Logits [B, T - stale, vocab] of one window pass over tokens [B, T] that starts from `memory`;
+        the first `stale` tokens are a stale-kv window's previous chunk (see `run_blocks`)."""
+        h, _ = self.run_blocks(self.embed(tokens), memory, stale)
         return self.logits(h)
 
     def sleep(self, memory: Memory, chunk: Tensor, passes: int) -> Memory:
@@ -188,6 +203,38 @@ class HybridLM(nn.Module):
         """`extend` when only the window is wanted (rebuilding it): the same cache, without the logits
         and the last block's MLP, which feeds nothing but them."""
         return self._append(tokens, cache, last_mlp=False)[1]
+
+    def stale_prefix(self, tokens: Tensor, cache: WindowCache) -> WindowCache:
+        """stale-kv: put tokens [B, P] into empty windows as their previous chunk: the first block's keys
+        and values at positions 0..P-1 and nothing else, as `forward(..., stale=P)` sees them."""
+        block = self.blocks[0]
+        _, keys_values = block.mixer.extend(
+            block.mixer_norm(self.embed(tokens)), cache.layers[0], cache.lengths
+        )
+        return WindowCache([keys_values, *cache.layers[1:]], cache.lengths + tokens.shape[1])
+
+    def stale_window(self, cache: WindowCache, memory: Memory, keep: int) -> WindowCache:
+        """stale-kv's boundary: new windows that keep the last `keep` tokens of each of `cache`'s as the
+        keys and values they were decoded with, moved to the window's start (their rotary positions
+        shifted to match: scores depend on distances only), and whose fast weights restart from
+        `memory`. Nothing runs through the network. `cache` is not modified."""
+        offset = cache.lengths - keep  # [B] where the kept tokens start
+        source = offset[:, None] + torch.arange(keep, device=offset.device)  # [B, keep]
+        layers: list[KVCache | FastWeightCache] = []
+        fast, B = iter(memory), cache.lengths.shape[0]
+        for block, layer in zip(self.blocks, cache.layers, strict=True):
+            if isinstance(layer, KVCache):
+                H, D = layer.keys.shape[1], layer.keys.shape[3]
+                index = source[:, None, :, None].expand(B, H, keep, D)
+                keys, values = torch.zeros_like(layer.keys), torch.zeros_like(layer.values)
+                shift = -offset[:, None].expand(B, keep)
+                keys[:, :, :keep] = rotary(layer.keys.gather(2, index), shift, self.config.rope_base)
+                values[:, :, :keep] = layer.values.gather(2, index)
+                layers.append(KVCache(keys, values))
+            else:
+                fast_weights = next(fast)
+                layers.append(FastWeightCache(fast_weights, block.mixer.empty_conv(B, fast_weights)))
+        return WindowCache(layers, torch.full_like(cache.lengths, keep))
 
     def _append(self, tokens: Tensor, cache: WindowCache, last_mlp: bool) -> tuple[Tensor, WindowCache]:
         """The blocks over tokens [B, T] appended to the windows: the last hidden states and the cache."""

@@ -7,6 +7,10 @@ The two schedules differ only in how much completed text attention keeps (design
   When the current chunk fills, the previous one is slept (M_{j-1} = Sleep_N(M_{j-2}, chunk j-1)) and
   the window is rebuilt as the just-completed chunk run from M_{j-1}; that run is pass 1 of its own
   later sleep. Attention over the window is plain causal, so the previous chunk only sees itself.
+- `lagged` (stale-kv): the same chunks and sleeps, but at a boundary the just-completed chunk keeps
+  the first block's keys and values of its own decoding (`HybridLM.stale_window`) and the fast
+  weights restart from M_{j-1}: nothing is recomputed. The first block is the only attention block
+  and sees only tokens, so those keys and values too follow from the tail (`HybridLM.stale_prefix`).
 
 Either way the window is a pure function of (memory, tail): `open_window` rebuilds it from the state.
 """
@@ -39,15 +43,21 @@ def open_window(model: HybridLM, state: SessionState) -> tuple[WindowCache, Tens
     """Rebuild the window of a session from its state. Returns the cache and the logits [vocab] that
     follow the last tail token (None when the tail is empty)."""
     cache = model.open_window([m[None].to(model.device) for m in state.memory])
-    if not state.tail:
+    tail = state.tail
+    if model.config.stale_kv and state.prev_len:
+        cache = model.stale_prefix(torch.tensor([tail[: state.prev_len]], device=model.device), cache)
+        tail = tail[state.prev_len :]
+    if not tail:
         return cache, None
-    logits, cache = model.extend(torch.tensor([state.tail], device=model.device), cache)
+    logits, cache = model.extend(torch.tensor([tail], device=model.device), cache)
     return cache, logits[0, -1]
 
 
 def open_windows(model: HybridLM, states: list[SessionState]) -> list[tuple[WindowCache, int]]:
     """`open_window` for several sessions at once (no logits): one batched prefill per tail length.
     Returns, for each state, the batch of windows that holds its window and its row there."""
+    if model.config.stale_kv:  # the engine moves stale windows instead (`HybridLM.stale_window`)
+        return [(open_window(model, state)[0], 0) for state in states]
     windows: list[tuple[WindowCache, int] | None] = [None] * len(states)
     by_length: dict[int, list[int]] = {}
     for i, state in enumerate(states):
@@ -118,6 +128,9 @@ def cross_boundary(
         state.prev_len = len(state.tail)  # the completed chunk stays visible until its own sleep
     if report is None:
         return None, None
+    if model.config.stale_kv and cache is not None:
+        memory = [m[None].to(model.device) for m in state.memory]
+        return model.stale_window(cache, memory, len(state.tail)), report
     return open_window(model, state)[0], report
 
 

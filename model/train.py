@@ -112,8 +112,10 @@ def answer_logits(
             memory = model.sleep(memory, tokens[:, slice(*bounds[slept])], passes)
             slept += 1
         window_start = bounds[window_chunk][0]
-        logits = model(tokens[:, window_start:end], memory)
-        pieces.append(logits[:, lo - window_start : hi - window_start])
+        stale = start - window_start if model.config.stale_kv else 0  # the previous chunk: keys and values
+        logits = model(tokens[:, window_start:end], memory, stale)
+        first = window_start + stale  # the position of logits[:, 0]
+        pieces.append(logits[:, lo - first : hi - first])
     return torch.cat(pieces, dim=1)
 
 
@@ -312,6 +314,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
     parser.add_argument("--passes", type=int, help="sleep passes N")
     parser.add_argument("--schedule", choices=["hard", "lagged"])
     parser.add_argument("--variable-chunks", action="store_true", help="chunk lengths drawn from [L/2, L]")
+    parser.add_argument("--lagged-construction", choices=["re-prefill", "stale-kv"])
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
@@ -329,7 +332,11 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
     }
     if args.task:
         changes["tasks"] = {args.task: {}}
-    model_changes = {"sleep_passes": args.passes, "schedule": args.schedule}
+    model_changes = {
+        "sleep_passes": args.passes,
+        "schedule": args.schedule,
+        "lagged_construction": args.lagged_construction,
+    }
     if args.variable_chunks:
         model_changes["variable_chunks"] = True
     model = config.model.replace(**{k: v for k, v in model_changes.items() if v is not None})

@@ -532,10 +532,37 @@ class Engine:
             self._count_sleep(seq, n_tokens, result.passes, result.seconds)
             if lagged:
                 state.prev_len = len(state.tail)  # the chunk that just completed stays visible
-        for seq, (window, row) in zip(seqs, open_windows(self.model, [s.state for s in seqs]), strict=True):
-            self._install(seq, window, row)
+        if self.model.config.stale_kv:
+            self._move_stale_windows(seqs)
+        else:
+            states = [s.state for s in seqs]
+            for seq, (window, row) in zip(seqs, open_windows(self.model, states), strict=True):
+                self._install(seq, window, row)
         if lagged:
             self._start_sleeps(seqs)  # on the chunks that just completed
+
+    def _move_stale_windows(self, seqs: list[Sequence]) -> None:
+        """stale-kv's boundary for `seqs`, whose sleeps were just swapped in: each window keeps its
+        completed chunk's keys and values and restarts its fast weights from the new memory
+        (`HybridLM.stale_window`); the decode batch's rows in place, in one batch per chunk length."""
+        self._crossed = True
+        in_batch: dict[int, list[Sequence]] = {}
+        for seq in seqs:
+            if seq.cache is None:
+                in_batch.setdefault(len(seq.state.tail), []).append(seq)
+            else:
+                seq.cache = self._stale_window([seq], seq.cache)
+        for group in in_batch.values():
+            rows = [self._rows.index(seq) for seq in group]
+            self._cache.write_rows(rows, self._stale_window(group, self._cache.select(rows)))
+
+    def _stale_window(self, group: list[Sequence], windows: WindowCache) -> WindowCache:
+        """The stale-kv windows of `group` (equal tails) from `windows`, their current ones."""
+        memory = [
+            torch.stack(layer).to(self.model.device)
+            for layer in zip(*(seq.state.memory for seq in group), strict=True)
+        ]
+        return self.model.stale_window(windows, memory, len(group[0].state.tail))
 
     def _settle(self, seq: Sequence) -> None:
         """Before a sequence ends: if it waits at a boundary, cross it (the session must be stored with

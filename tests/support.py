@@ -121,7 +121,12 @@ def rel_err(a, b) -> float:
 # -- tiny checkpoints (server tests) --------------------------------------------------------------
 
 
-def tiny_model(schedule: str = "lagged", variable_chunks: bool = False, seed: int = 0):
+def tiny_model(
+    schedule: str = "lagged",
+    variable_chunks: bool = False,
+    seed: int = 0,
+    lagged_construction: str = "re-prefill",
+):
     """A random 2-layer model (d_model 32, window 8) whose logits are peaked enough that greedy decoding
     does not hinge on float rounding (its head is scaled up)."""
     import torch
@@ -143,6 +148,7 @@ def tiny_model(schedule: str = "lagged", variable_chunks: bool = False, seed: in
         sleep_passes=2,
         schedule=schedule,
         variable_chunks=variable_chunks,
+        lagged_construction=lagged_construction,
     )
     model = HybridLM(config).eval()
     with torch.no_grad():

@@ -9,12 +9,15 @@ import pytest
 from bench import engine_itl
 
 
-@pytest.mark.parametrize("weights", ["random", "checkpoint"])
-def test_engine_itl_measures_both_systems(tmp_path, weights) -> None:
+@pytest.mark.parametrize(
+    "weights, construction", [("random", "re-prefill"), ("random", "stale-kv"), ("checkpoint", "re-prefill")]
+)
+def test_engine_itl_measures_both_systems(tmp_path, weights, construction) -> None:
     out = tmp_path / "engine_itl.json"
     args = ["--streams", "2", "--boundaries", "3", "--rounds", "1", "--weights", weights, "--out", str(out)]
-    report = engine_itl.main(args)
+    report = engine_itl.main([*args, "--lagged-construction", construction])
     assert json.loads(out.read_text()) == report and report["weights"] == weights
+    assert report["lagged_construction"] == construction
     no_sleep, lagged = report["systems"]
     assert [no_sleep["name"], lagged["name"]] == ["no-sleep", "lagged-scheduled"]
     assert no_sleep["mean_passes"] == 1.0 and 1.0 <= lagged["mean_passes"] <= 4.0

@@ -1,5 +1,6 @@
 """The hybrid LM and its sessions: decode vs prefill, sleep vs a naive Algorithm 1, batching, schedules."""
 
+import copy
 import math
 
 import pytest
@@ -19,9 +20,14 @@ SHAPES = {
 }
 
 
-def make_model(shape: str, schedule: str, passes: int = 3, seed: int = 0) -> HybridLM:
+def make_model(
+    shape: str, schedule: str, passes: int = 3, seed: int = 0, construction: str = "re-prefill"
+) -> HybridLM:
     torch.manual_seed(seed)
-    model = HybridLM(ModelConfig(schedule=schedule, sleep_passes=passes, **SHAPES[shape])).eval()
+    config = ModelConfig(
+        schedule=schedule, sleep_passes=passes, lagged_construction=construction, **SHAPES[shape]
+    )
+    model = HybridLM(config).eval()
     # Untrained decay gates forget within a few tokens; slow them so memory matters in these tests.
     for block in model.blocks:
         if block.kind == "gdn":
@@ -33,10 +39,21 @@ def random_tokens(n: int, seed: int) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.mark.parametrize("schedule", ["hard", "lagged"])
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_decode_token_by_token_equals_prefill(shape, schedule):
-    model = make_model(shape, schedule)
+# (schedule, lagged construction); stale-kv needs the first block to be the only attention block.
+SCHEDULES = [("hard", "re-prefill"), ("lagged", "re-prefill"), ("lagged", "stale-kv")]
+
+
+DECODE_CASES = [
+    (shape, schedule, construction)
+    for shape in SHAPES
+    for schedule, construction in SCHEDULES
+    if construction != "stale-kv" or SHAPES[shape].get("layers", ["attn", "gdn"]).count("attn") == 1
+]
+
+
+@pytest.mark.parametrize("shape, schedule, construction", DECODE_CASES)
+def test_decode_token_by_token_equals_prefill(shape, schedule, construction):
+    model = make_model(shape, schedule, construction=construction)
     L = model.config.window
     tokens = random_tokens(4 * L + L // 2 + 1, seed=1)  # spans more than 4 windows
 
@@ -250,6 +267,33 @@ def test_fill_builds_the_window_extend_builds(schedule):
             for a, b in zip(via_fill.layers, via_extend.layers, strict=True):
                 for x, y in zip(vars(a).values(), vars(b).values(), strict=True):
                     assert torch.equal(x, y)
+
+
+def test_a_stale_window_equals_the_window_rebuilt_from_its_state():
+    """stale-kv: the window a boundary moves (decoded keys re-rotated, fast weights from the memory)
+    is the one a resumed session rebuilds from (memory, tail), and both go on alike."""
+    model = make_model("default-ish", "lagged", construction="stale-kv")
+    L = model.config.window
+    state = new_state(model)
+    _, live, sleeps = feed(model, state, open_window(model, state)[0], random_tokens(3 * L + 5, seed=4))
+    assert len(sleeps) == 2 and state.prev_len == L and len(state.tail) == L + 5
+    rebuilt, _ = open_window(model, state)
+    torch.testing.assert_close(rebuilt.lengths, live.lengths)
+    for mine, theirs in zip(rebuilt.layers, live.layers, strict=True):
+        for a, b in zip(vars(mine).values(), vars(theirs).values(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    after = random_tokens(L, seed=5)
+    resumed, _, _ = feed(model, copy.deepcopy(state), rebuilt, after, return_all=True)
+    went_on, _, _ = feed(model, state, live, after, return_all=True)
+    torch.testing.assert_close(resumed, went_on, atol=1e-4, rtol=1e-4)
+
+
+def test_stale_kv_needs_the_first_block_to_be_the_only_attention():
+    with pytest.raises(ValueError, match="stale-kv needs the first block"):
+        ModelConfig(layers=["gdn", "attn"], lagged_construction="stale-kv")
+    with pytest.raises(ValueError, match="stale-kv needs the first block"):
+        ModelConfig(layers=["attn", "gdn", "attn"], lagged_construction="stale-kv")
+    assert ModelConfig(layers=["attn", "gdn", "gdn"], lagged_construction="stale-kv").stale_kv
 
 
 def test_extend_refuses_window_overflow():

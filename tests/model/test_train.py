@@ -38,11 +38,13 @@ def batch_for(task_name: str, window: int, count: int = 16):
     return encode_batch([task.example(rng) for _ in range(count)])
 
 
-@pytest.mark.parametrize("schedule", ["hard", "lagged"])
+@pytest.mark.parametrize(
+    "schedule, construction", [("hard", "re-prefill"), ("lagged", "re-prefill"), ("lagged", "stale-kv")]
+)
 @pytest.mark.parametrize("task_name", list(TASK_KNOBS))
-def test_repeated_step_on_a_fixed_batch_lowers_the_loss(task_name, schedule):
+def test_repeated_step_on_a_fixed_batch_lowers_the_loss(task_name, schedule, construction):
     torch.manual_seed(0)
-    model = HybridLM(TINY.replace(schedule=schedule, sleep_passes=2))
+    model = HybridLM(TINY.replace(schedule=schedule, lagged_construction=construction, sleep_passes=2))
     tokens, first = batch_for(task_name, TINY.window)
     bounds = chunk_bounds(tokens.shape[1], TINY.window)
     assert len(bounds) >= 3  # the answer sits behind consolidated windows
@@ -60,11 +62,15 @@ def test_repeated_step_on_a_fixed_batch_lowers_the_loss(task_name, schedule):
     assert losses[-1] < 0.8 * losses[0]
 
 
-@pytest.mark.parametrize("schedule", ["hard", "lagged"])
-def test_training_reads_windows_exactly_as_serving_does(schedule):
-    """The logits training learns from are those a session computes when fed the same tokens."""
+@pytest.mark.parametrize(
+    "schedule, construction", [("hard", "re-prefill"), ("lagged", "re-prefill"), ("lagged", "stale-kv")]
+)
+def test_training_reads_windows_exactly_as_serving_does(schedule, construction):
+    """The logits training learns from are those a session computes when fed the same tokens (with
+    stale-kv: training computes the previous chunk's keys at their window positions, serving moves
+    and re-rotates the decoded ones)."""
     torch.manual_seed(1)
-    model = HybridLM(TINY.replace(schedule=schedule, sleep_passes=3)).eval()
+    model = HybridLM(TINY.replace(schedule=schedule, lagged_construction=construction, sleep_passes=3)).eval()
     tokens, first = batch_for("hops", TINY.window, count=3)
     with torch.no_grad():
         trained = answer_logits(model, tokens, first, chunk_bounds(tokens.shape[1], TINY.window), passes=3)

@@ -84,9 +84,11 @@ async def test_sixteen_streams_share_a_batch_without_cross_talk(make_engine):
         assert final.finish_reason == "length" and final.stats.completion_tokens == 24
 
 
-@pytest.mark.parametrize("schedule", ["hard", "lagged"])
-async def test_session_matches_reference_across_windows(make_engine, schedule):
-    model = tiny_model(schedule)
+@pytest.mark.parametrize(
+    "schedule, construction", [("hard", "re-prefill"), ("lagged", "re-prefill"), ("lagged", "stale-kv")]
+)
+async def test_session_matches_reference_across_windows(make_engine, schedule, construction):
+    model = tiny_model(schedule, lagged_construction=construction)
     engine = make_engine(model)
     state, ref = new_state(model), new_state(model)
     consolidated = 0
