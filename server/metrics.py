@@ -48,7 +48,7 @@ class Metrics:
         self.engine_step = Histogram(
             p + "engine_step_seconds",
             "Duration of an engine iteration that did work, by whether it crossed a window boundary "
-            "(swapped a sleep's memory in and rebuilt windows).",
+            "(swapped a sleep's memory in and rebuilt or, with stale-kv, moved windows).",
             ["boundary"],
             buckets=_GAP,
             registry=r,
