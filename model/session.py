@@ -39,10 +39,15 @@ def new_state(model: HybridLM) -> SessionState:
     return SessionState(memory=[m[0] for m in model.empty_memory(1)], schedule=model.config.schedule)
 
 
+def batch_memory(model: HybridLM, states: list[SessionState]) -> list[Tensor]:
+    """The memories of `states` as one batch on the model's device: one [B, H, K, V] per gdn layer."""
+    return [torch.stack(layer).to(model.device) for layer in zip(*(s.memory for s in states), strict=True)]
+
+
 def open_window(model: HybridLM, state: SessionState) -> tuple[WindowCache, Tensor | None]:
     """Rebuild the window of a session from its state. Returns the cache and the logits [vocab] that
     follow the last tail token (None when the tail is empty)."""
-    cache = model.open_window([m[None].to(model.device) for m in state.memory])
+    cache = model.open_window(batch_memory(model, [state]))
     tail = state.tail
     if model.config.stale_kv and state.prev_len:
         cache = model.stale_prefix(torch.tensor([tail[: state.prev_len]], device=model.device), cache)
@@ -63,11 +68,7 @@ def open_windows(model: HybridLM, states: list[SessionState]) -> list[tuple[Wind
     for i, state in enumerate(states):
         by_length.setdefault(len(state.tail), []).append(i)
     for length, members in by_length.items():
-        memory = [
-            torch.stack(layer).to(model.device)
-            for layer in zip(*(states[i].memory for i in members), strict=True)
-        ]
-        batch = model.open_window(memory)
+        batch = model.open_window(batch_memory(model, [states[i] for i in members]))
         if length:
             batch = model.fill(torch.tensor([states[i].tail for i in members], device=model.device), batch)
         for row, i in enumerate(members):
@@ -129,8 +130,7 @@ def cross_boundary(
     if report is None:
         return None, None
     if model.config.stale_kv and cache is not None:
-        memory = [m[None].to(model.device) for m in state.memory]
-        return model.stale_window(cache, memory, len(state.tail)), report
+        return model.stale_window(cache, batch_memory(model, [state]), len(state.tail)), report
     return open_window(model, state)[0], report
 
 

@@ -48,7 +48,14 @@ import torch
 from torch import Tensor
 
 from model.hybrid import HybridLM, WindowCache
-from model.session import apply_sleep, cross_boundary, open_window, open_windows, room_in_chunk
+from model.session import (
+    apply_sleep,
+    batch_memory,
+    cross_boundary,
+    open_window,
+    open_windows,
+    room_in_chunk,
+)
 from model.state import SessionState
 from model.tokenizer import EOS, StreamDecoder
 from scheduler.executor import SleepExecutor, SleepResult
@@ -558,10 +565,7 @@ class Engine:
 
     def _stale_window(self, group: list[Sequence], windows: WindowCache) -> WindowCache:
         """The stale-kv windows of `group` (equal tails) from `windows`, their current ones."""
-        memory = [
-            torch.stack(layer).to(self.model.device)
-            for layer in zip(*(seq.state.memory for seq in group), strict=True)
-        ]
+        memory = batch_memory(self.model, [seq.state for seq in group])
         return self.model.stale_window(windows, memory, len(group[0].state.tail))
 
     def _settle(self, seq: Sequence) -> None:

@@ -121,6 +121,10 @@ def rel_err(a, b) -> float:
 # -- tiny checkpoints (server tests) --------------------------------------------------------------
 
 
+# (schedule, lagged construction) pairs the model, training and engine tests run: stale-kv is lagged only.
+SCHEDULES = [("hard", "re-prefill"), ("lagged", "re-prefill"), ("lagged", "stale-kv")]
+
+
 def tiny_model(
     schedule: str = "lagged",
     variable_chunks: bool = False,

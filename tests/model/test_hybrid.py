@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support import SCHEDULES
 
 from model.config import ModelConfig
 from model.hybrid import HybridLM, WindowCache
@@ -39,10 +40,7 @@ def random_tokens(n: int, seed: int) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-# (schedule, lagged construction); stale-kv needs the first block to be the only attention block.
-SCHEDULES = [("hard", "re-prefill"), ("lagged", "re-prefill"), ("lagged", "stale-kv")]
-
-
+# stale-kv needs the first block to be the only attention block.
 DECODE_CASES = [
     (shape, schedule, construction)
     for shape in SHAPES
@@ -228,10 +226,11 @@ def test_batched_decode_equals_each_alone(schedule):
                 assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_open_windows_equals_open_window_for_each_state():
+@pytest.mark.parametrize("construction", ["re-prefill", "stale-kv"])
+def test_open_windows_equals_open_window_for_each_state(construction):
     """The batched rebuild of the engine's lagged boundaries gives each session the window that
     `open_window` gives it alone, whatever the mix of tail lengths (grouped by length inside)."""
-    model = make_model("default-ish", "lagged")
+    model = make_model("default-ish", "lagged", construction=construction)
     states = []
     for i, n in enumerate([16, 40, 16, 5, 40]):  # tails of 16, 24, 16, 5 and 24 tokens
         state = new_state(model)

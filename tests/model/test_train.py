@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from support import SCHEDULES
 
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig
@@ -38,9 +39,7 @@ def batch_for(task_name: str, window: int, count: int = 16):
     return encode_batch([task.example(rng) for _ in range(count)])
 
 
-@pytest.mark.parametrize(
-    "schedule, construction", [("hard", "re-prefill"), ("lagged", "re-prefill"), ("lagged", "stale-kv")]
-)
+@pytest.mark.parametrize("schedule, construction", SCHEDULES)
 @pytest.mark.parametrize("task_name", list(TASK_KNOBS))
 def test_repeated_step_on_a_fixed_batch_lowers_the_loss(task_name, schedule, construction):
     torch.manual_seed(0)
@@ -62,9 +61,7 @@ def test_repeated_step_on_a_fixed_batch_lowers_the_loss(task_name, schedule, con
     assert losses[-1] < 0.8 * losses[0]
 
 
-@pytest.mark.parametrize(
-    "schedule, construction", [("hard", "re-prefill"), ("lagged", "re-prefill"), ("lagged", "stale-kv")]
-)
+@pytest.mark.parametrize("schedule, construction", SCHEDULES)
 def test_training_reads_windows_exactly_as_serving_does(schedule, construction):
     """The logits training learns from are those a session computes when fed the same tokens (with
     stale-kv: training computes the previous chunk's keys at their window positions, serving moves

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from support import tiny_model
+from support import SCHEDULES, tiny_model
 
 from model.session import generate, new_state
 from model.tokenizer import EOS, ByteTokenizer
@@ -84,9 +84,7 @@ async def test_sixteen_streams_share_a_batch_without_cross_talk(make_engine):
         assert final.finish_reason == "length" and final.stats.completion_tokens == 24
 
 
-@pytest.mark.parametrize(
-    "schedule, construction", [("hard", "re-prefill"), ("lagged", "re-prefill"), ("lagged", "stale-kv")]
-)
+@pytest.mark.parametrize("schedule, construction", SCHEDULES)
 async def test_session_matches_reference_across_windows(make_engine, schedule, construction):
     model = tiny_model(schedule, lagged_construction=construction)
     engine = make_engine(model)
