@@ -25,10 +25,19 @@ class KVCache:
 
 def rotary(x: Tensor, positions: Tensor, base: float) -> Tensor:
     """Rotate-half RoPE. x: [B, H, T, D]; positions: [B, T] (ints)."""
-    half = x.shape[-1] // 2
-    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # [D/2]
+    return rotate(x, *rotation(positions, x.shape[-1], base, x.dtype))
+
+
+def rotation(positions: Tensor, dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin [B, 1, T, dim/2] of RoPE's angles at positions [B, T], to `rotate` q and k alike."""
+    half = dim // 2
+    freqs = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)  # [D/2]
     angles = positions[:, None, :, None].float() * freqs  # [B, 1, T, D/2]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -46,7 +55,8 @@ class WindowAttention(nn.Module):
         q, k, v = (
             self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         )  # [B, H, T, D]
-        return rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base), v
+        cos, sin = rotation(positions, self.head_dim, self.rope_base, q.dtype)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def _merge(self, o: Tensor) -> Tensor:  # [B, H, T, D] -> [B, T, d_model]
         B, _, T, _ = o.shape

@@ -12,6 +12,9 @@ References: Yang, Kautz, Hatamizadeh, "Gated Delta Networks" (arXiv 2412.06464);
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,6 +41,12 @@ def gated_delta_recurrent(
     return torch.stack(outs, dim=1), state
 
 
+@functools.cache
+def _above_diagonal(size: int, device: torch.device) -> Tensor:
+    """[size, size] True strictly above the diagonal (built once per size and device)."""
+    return torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
+
+
 def gated_delta_chunk(
     q: Tensor,
     k: Tensor,
@@ -54,7 +63,7 @@ def gated_delta_chunk(
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = chunk_size
+    C = min(chunk_size, T)  # a shorter sequence is one chunk of its own length, with no padding
     pad = (-T) % C
     if pad:  # padded steps have k = v = β = g = 0: they leave the state untouched
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
@@ -69,14 +78,15 @@ def gated_delta_chunk(
     beta = chunked(beta)  # [B, H, n, C]
     g_cum = chunked(g).cumsum(-1)  # [B, H, n, C] cumulative log-decay within each chunk
 
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     # Γ_ij = exp(G_i − G_j) for i ≥ j: decay applied between token j's write and token i's read.
-    decay = (g_cum[..., :, None] - g_cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    decay = (
+        (g_cum[..., :, None] - g_cum[..., None, :]).masked_fill(_above_diagonal(C, q.device), -math.inf).exp()
+    )
 
-    # WY representation: (I + tril(diag(β) K Kᵀ ⊙ Γ, −1)) [U | W] = [diag(β) V | diag(β) K ⊙ exp(G)].
+    # WY representation: (I + tril(diag(β) K Kᵀ ⊙ Γ, −1)) [U | W] = [diag(β) V | diag(β) K ⊙ exp(G)]. A
+    # unit-triangular solve reads only the strict lower triangle: the product needs no tril and no I.
     k_beta = k * beta[..., None]
-    lower = (k_beta @ k.transpose(-1, -2) * decay).tril(-1)
-    system = lower + torch.eye(C, dtype=q.dtype, device=q.device)
+    system = k_beta @ k.transpose(-1, -2) * decay
     rhs = torch.cat([v * beta[..., None], k_beta * g_cum.exp()[..., None]], dim=-1)
     solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     u, w = solved[..., :V], solved[..., V:]  # [B, H, n, C, V], [B, H, n, C, K]

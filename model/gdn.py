@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from model.config import ModelConfig
 from model.gated_delta import gated_delta_chunk, gated_delta_recurrent
+from model.slices import Slices, run_to_end
 
 # Up to this many tokens per call (decode steps, short prompt pieces) the per-token recurrence is
 # cheaper than the chunk-parallel form over a padded chunk (a one-off timing on 2 CPU cores: an
@@ -62,6 +63,26 @@ class GatedDeltaNet(nn.Module):
 
         Returns y [B, T, d], the fast weights after the T tokens, and the new convolution state.
         """
+        return run_to_end(self.slices(x, fast, conv))
+
+    def slices(
+        self, x: Tensor, fast: Tensor, conv: Tensor | None = None
+    ) -> Slices[tuple[Tensor, Tensor, Tensor]]:
+        """`forward` in three slices, for a sleep run between decode steps: yields after the
+        projections and after the delta rule."""
+        o, fast, conv = yield from self.memory_slices(x, fast, conv)
+        yield
+        B, T, _ = x.shape
+        gate = F.silu(self.gate_proj(x)).view(B, T, self.heads, self.value_dim)
+        y = self.out((self.out_norm(o) * gate).reshape(B, T, self.heads * self.value_dim))
+        return y, fast, conv
+
+    def memory_slices(
+        self, x: Tensor, fast: Tensor, conv: Tensor | None = None
+    ) -> Slices[tuple[Tensor, Tensor, Tensor]]:
+        """The part of `slices` that the fast weights need: the projections, a yield, the delta rule.
+        Returns its output o [B, T, H, V] (before the gate and the output projection), the fast
+        weights after the T tokens and the new convolution state."""
         B, T, _ = x.shape
         H, K, V = self.heads, self.key_dim, self.value_dim
         if conv is None:
@@ -71,17 +92,16 @@ class GatedDeltaNet(nn.Module):
         # backward, and the same numbers.
         taps = self.conv.weight[:, 0]  # [channels, W]
         qkv = sum(mixed[..., i : i + T] * taps[:, i, None] for i in range(taps.shape[1]))
-        qkv = F.silu(qkv).transpose(1, 2)  # [B, T, channels]
+        qkv = F.silu(qkv).transpose(1, 2).contiguous()  # [B, T, channels]; contiguous: faster norms
         q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
         q = F.normalize(q.view(B, T, H, K), dim=-1)
         k = F.normalize(k.view(B, T, H, K), dim=-1)
         v = v.view(B, T, H, V)
         g = -self.A_log.exp() * F.softplus(self.decay_proj(x) + self.dt_bias)  # [B, T, H] log α
         beta = torch.sigmoid(self.beta_proj(x))  # [B, T, H]
+        yield
         if T <= RECURRENT_TOKENS:  # a few tokens: the recurrence is fewer ops than one padded chunk
             o, fast = gated_delta_recurrent(q, k, v, g, beta, fast)
         else:
             o, fast = gated_delta_chunk(q, k, v, g, beta, fast, self.chunk_size)
-        gate = F.silu(self.gate_proj(x)).view(B, T, H, V)
-        y = self.out((self.out_norm(o) * gate).reshape(B, T, H * V))
-        return y, fast, mixed[..., mixed.shape[-1] - conv.shape[-1] :]
+        return o, fast, mixed[..., mixed.shape[-1] - conv.shape[-1] :]

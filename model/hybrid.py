@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from model.attention import KVCache, WindowAttention, rotary
 from model.config import ModelConfig
 from model.gdn import FastWeightCache, GatedDeltaNet
+from model.slices import Slices, run_to_end
 
 Memory = list[Tensor]  # consolidated fast weights, one [B, H, K, V] tensor per gdn layer
 
@@ -153,6 +154,29 @@ class HybridLM(nn.Module):
         """One pass of the block stack over a window from its start. h: [B, T, d] -> (h, fast), h of the
         last T - stale positions: the first `stale` tokens (stale-kv's previous chunk) are keys and
         values of the first block's attention and nothing else."""
+        return run_to_end(self.pass_slices(h, fast, stale))
+
+    def pass_slice_count(self, memory_only: bool = False) -> int:
+        """How many times `pass_slices` yields: after each mixer and each MLP and twice inside each gdn
+        mixer; `memory_only`, up to the last gdn block's delta rule."""
+        kinds = [block.kind for block in self.blocks]
+        count = sum(4 if kind == "gdn" else 2 for kind in kinds)
+        if not memory_only or "gdn" not in kinds:
+            return count
+        return count - 3 - 2 * kinds[::-1].index("gdn")  # its last 3 and the attention blocks after it
+
+    def sleep_slice_count(self, passes: int) -> int:
+        """How many times `sleep_slices` yields."""
+        return (passes - 1) * self.pass_slice_count() + self.pass_slice_count(memory_only=True)
+
+    def pass_slices(
+        self, h: Tensor, fast: Memory, stale: int = 0, memory_only: bool = False
+    ) -> Slices[tuple[Tensor, Memory]]:
+        """`run_blocks` a slice at a time: yields after each mixer, inside the gdn mixers
+        (`GatedDeltaNet.slices`) and after each MLP; returns (h, fast). `memory_only`: only the fast
+        weights are wanted (a sleep's last pass), so it returns at the last gdn block's delta rule,
+        leaving out what feeds nothing but h."""
+        last_gdn = max((i for i, b in enumerate(self.blocks) if b.kind == "gdn"), default=-1)
         fast_in, fast_out = iter(fast), []
         for i, block in enumerate(self.blocks):
             x = block.mixer_norm(h)
@@ -160,11 +184,17 @@ class HybridLM(nn.Module):
                 y, _, _ = block.mixer(x)
                 if stale and i == 0:
                     h, y = h[:, stale:], y[:, stale:]
+            elif memory_only and i == last_gdn:
+                _, new_fast, _ = yield from block.mixer.memory_slices(x, next(fast_in))
+                fast_out.append(new_fast)
+                return h, fast_out
             else:
-                y, new_fast, _ = block.mixer(x, next(fast_in))
+                y, new_fast, _ = yield from block.mixer.slices(x, next(fast_in))
                 fast_out.append(new_fast)
             h = h + y
+            yield
             h = h + block.mlp(block.mlp_norm(h))
+            yield
         return h, fast_out
 
     def logits(self, h: Tensor) -> Tensor:
@@ -185,9 +215,14 @@ class HybridLM(nn.Module):
         """
         if passes < 1:
             raise ValueError(f"sleep needs at least one pass, got {passes}")
+        return run_to_end(self.sleep_slices(memory, chunk, passes))
+
+    def sleep_slices(self, memory: Memory, chunk: Tensor, passes: int) -> Slices[Memory]:
+        """`sleep` a slice at a time (see `pass_slices`), for a caller that runs it between other
+        work; returns the new memory (passes ≥ 1)."""
         h, fast = self.embed(chunk), memory
-        for _ in range(passes):
-            h, fast = self.run_blocks(h, fast)
+        for n in range(passes):
+            h, fast = yield from self.pass_slices(h, fast, memory_only=n == passes - 1)
         return fast
 
     def extend(self, tokens: Tensor, cache: WindowCache) -> tuple[Tensor, WindowCache]:

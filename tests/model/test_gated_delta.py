@@ -12,6 +12,7 @@ from model.gated_delta import gated_delta_chunk, gated_delta_recurrent
     [
         (1, 1, 1, 8, 8, 4),
         (2, 37, 3, 16, 24, 8),
+        (8, 24, 2, 32, 32, 32),  # a sleep's chunk, shorter than the chunk size: one chunk of its own length
         (2, 64, 2, 32, 32, 32),
         (1, 100, 4, 16, 16, 32),
         (3, 130, 2, 8, 40, 64),

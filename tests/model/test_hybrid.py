@@ -201,6 +201,38 @@ def test_sleep_is_pure():
         assert torch.equal(m, b) and torch.equal(x, y)
 
 
+@pytest.mark.parametrize("shape", ["small", "deep"])
+def test_sleep_slices_interleaved_with_other_work_equal_sleep(shape):
+    """A sleep run a slice at a time (as the decode thread runs one between its steps) takes
+    `sleep_slice_count` slices and gives `sleep`'s memory, even with another sleep's slices and a
+    decode step run in between."""
+    model = make_model(shape, "lagged")
+    memory = [torch.randn_like(m) * 0.3 for m in model.empty_memory(2)]
+    chunks = torch.randint(0, 256, (2, model.config.window))
+    with torch.no_grad():
+        want = [model.sleep(memory, chunks, 3), model.sleep([m[:1] for m in memory], chunks[:1], 2)]
+        runs = [
+            model.sleep_slices(memory, chunks, 3),
+            model.sleep_slices([m[:1] for m in memory], chunks[:1], 2),
+        ]
+        got, counts = [None, None], [0, 0]
+        cache = model.open_window(model.empty_memory(2))
+        while None in got:
+            for i, run in enumerate(runs):
+                if got[i] is None:
+                    try:
+                        next(run)
+                        counts[i] += 1
+                    except StopIteration as end:
+                        got[i] = end.value
+            if int(cache.lengths.max()) < model.config.window_capacity:
+                _, cache = model.extend(torch.randint(0, 256, (2, 1)), cache)
+    assert counts == [model.sleep_slice_count(3), model.sleep_slice_count(2)]
+    for new, old in zip(got, want, strict=True):
+        for a, b in zip(new, old, strict=True):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("schedule", ["hard", "lagged"])
 def test_batched_decode_equals_each_alone(schedule):
     model = make_model("default-ish", schedule)
