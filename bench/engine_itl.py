@@ -18,7 +18,7 @@ several steps; the trained model writes ASCII, about one output per token, so it
 
     python -m bench.engine_itl
     python -m bench.engine_itl --weights checkpoint --out bench/results/engine_itl_checkpoint.json
-    python -m bench.engine_itl --weights checkpoint --sleeper-nice 19 \
+    python -m bench.engine_itl --weights checkpoint --sleep-worker process --sleeper-nice 19 \
         --out bench/results/engine_itl_checkpoint_nice19.json
 """
 
@@ -38,7 +38,6 @@ from bench.decode_scaling import machine
 from bench.sleep_overlap import server_means, server_times, workload_arguments
 from bench.stats import spread_itl
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from model.config import ModelConfig
 from model.hybrid import HybridLM
 from model.session import new_state
 from model.tokenizer import ByteTokenizer
@@ -71,15 +70,15 @@ async def stream(engine: Engine, model: HybridLM, index: int, tokens: int) -> li
     raise AssertionError("a request ended without its final output")
 
 
-def load_model(source: str, schedule: str, construction: str = "re-prefill") -> HybridLM:
-    """The default config's model with random weights (seed 0, `construction`) where `source` is
-    "random", else the checkpoint in folder `source`; in `schedule`."""
+def load_model(source: str, schedule: str, construction: str | None = None) -> HybridLM:
+    """sleep_overlap's random-weight model (seed 0; `construction`, default the shipped one) where
+    `source` is "random", else the checkpoint in folder `source`; in `schedule`."""
     if source != "random":
         model = load_checkpoint(source)
         model.config = model.config.replace(schedule=schedule)
         return model
     torch.manual_seed(0)
-    return HybridLM(ModelConfig(schedule=schedule, lagged_construction=construction)).eval()
+    return HybridLM(sleep_overlap.random_model_config(construction).replace(schedule=schedule)).eval()
 
 
 async def measure(model: HybridLM, settings: Settings, streams: int, tokens: int) -> dict:
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     source = args.checkpoint if args.weights == "checkpoint" else "random"
     lagged = load_model(source, "lagged", args.lagged_construction).config
     tokens = (args.boundaries + 1) * lagged.window
-    flags = sleep_overlap.systems(args.passes, args.max_passes, args.sleeper_nice)
+    flags = sleep_overlap.systems(args.passes, args.max_passes, args.sleeper_nice, args.sleep_worker)
     settings = {name: settings_from_args(flags[name]) for name in SYSTEMS}
     rounds: dict[str, list[dict]] = {name: [] for name in SYSTEMS}
     for i in range(args.rounds):
@@ -155,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         "checkpoint": None if source == "random" else source,
         "lagged_construction": lagged.lagged_construction,
         "sleeper_nice": args.sleeper_nice,
+        "sleep_worker": args.sleep_worker,
         "systems": rows,
         "p99_ratio": product["itl_p99_ms"] / base["itl_p99_ms"],
     }

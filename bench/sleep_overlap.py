@@ -3,22 +3,24 @@ against four servers, measured from the client side (the streaming harness of be
 
 - no-sleep:         `hard`, N = 1: the plain hybrid (the wake pass is the whole sleep), nothing to wait for
 - hard-sync:        `hard`, N passes on the decode thread (everyone waits for every sleep)
-- hard-scheduled:   `hard`, N passes on the scheduler's worker (a session waits for its own sleep only)
-- lagged-scheduled: `lagged`, adaptive N in [1, max] on the worker (nobody waits)
+- hard-scheduled:   `hard`, N passes by the scheduler (a session waits for its own sleep only)
+- lagged-scheduled: `lagged`, adaptive N in [1, max] by the scheduler (nobody waits)
 
-The model is the default ModelConfig with random weights: latency depends on the shapes, not the
-weights. A p99 over one short run moves by a third from run to run on a small machine, so the systems
+The model is the shipped checkpoint's config with random weights: latency depends on the shapes, not
+the weights. A p99 over one short run moves by a third from run to run on a small machine, so the systems
 are measured in `--rounds` interleaved rounds (a fresh server each time) and the percentiles are taken
 over the pooled samples of all rounds; each round's own p99 is kept beside them, and so are each server's
 mean engine iteration apart and at a window boundary (its `sleepserve_engine_step_seconds`) and its mean
-hand-off of outputs to the event loop (`sleepserve_output_handoff_seconds`). `--sleeper-nice` runs the
-scheduled systems' sleeper process that much below the server. Writes
+hand-off of outputs to the event loop (`sleepserve_output_handoff_seconds`). `--sleep-worker` picks
+where the scheduled systems sleep (default `auto`: interleaved on CPU); with `process`, `--sleeper-nice`
+runs their sleeper process that much below the server. Writes
 bench/results/sleep_overlap.json and a PNG of inter-token latency over time (the first round) with each
 stream's window boundaries marked.
 
     python -m bench.sleep_overlap
     python -m bench.sleep_overlap --device cuda --out bench/results/sleep_overlap_cuda.json
-    python -m bench.sleep_overlap --sleeper-nice 19 --out bench/results/sleep_overlap_nice19.json
+    python -m bench.sleep_overlap --sleep-worker process --sleeper-nice 19 \
+        --out bench/results/sleep_overlap_nice19.json
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import httpx
 import torch
 
 from bench.decode_scaling import machine
-from bench.models import save_random
+from bench.models import product_config, save_random
 from bench.procs import http_server
 from bench.serve import RequestConfig, run_requests
 from bench.stats import summarize
@@ -44,9 +46,13 @@ from model.config import ModelConfig
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def systems(passes: int, max_passes: int, sleeper_nice: int = 0) -> dict[str, list[str]]:
-    """Server flags of each system; `sleeper_nice` is that of the scheduled systems' sleeper process."""
-    scheduled = ["--sleeper-nice", str(sleeper_nice)] if sleeper_nice else []
+def systems(
+    passes: int, max_passes: int, sleeper_nice: int = 0, sleep_worker: str = "auto"
+) -> dict[str, list[str]]:
+    """Server flags of each system; `sleep_worker` and `sleeper_nice` are those of the scheduled
+    systems' sleep."""
+    scheduled = ["--sleep-worker", sleep_worker]
+    scheduled += ["--sleeper-nice", str(sleeper_nice)] if sleeper_nice else []
     return {
         "no-sleep": ["--schedule", "hard", "--sleep-passes", "1"],
         "hard-sync": ["--schedule", "hard", "--sleep-passes", str(passes), "--sleep-mode", "inline"],
@@ -61,6 +67,13 @@ def systems(passes: int, max_passes: int, sleeper_nice: int = 0) -> dict[str, li
             *scheduled,
         ],
     }
+
+
+def random_model_config(construction: str | None) -> ModelConfig:
+    """The config of the benchmarks' random-weight model: the shipped checkpoint's, with `construction`
+    when one is given."""
+    config = product_config()
+    return config.replace(lagged_construction=construction) if construction else config
 
 
 def scrape(metrics: str, name: str, **labels: str) -> float:
@@ -212,10 +225,15 @@ def workload_arguments(description: str, rounds: int) -> argparse.ArgumentParser
     parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds of every system")
     parser.add_argument("--sleeper-nice", type=int, default=0, help="nice value of the sleeper process")
     parser.add_argument(
+        "--sleep-worker",
+        choices=["auto", "thread", "process", "interleaved"],
+        default="auto",
+        help="where the scheduled systems sleep (sleepserve serve --sleep-worker)",
+    )
+    parser.add_argument(
         "--lagged-construction",
         choices=["re-prefill", "stale-kv"],
-        default="re-prefill",
-        help="of the random-weight model (a checkpoint's own is its config's)",
+        help="of the random-weight model (default: the shipped checkpoint's; a checkpoint's own is its config's)",
     )
     return parser
 
@@ -226,11 +244,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS / "sleep_overlap.json")
     args = parser.parse_args(argv)
 
-    config = ModelConfig(lagged_construction=args.lagged_construction)
+    config = random_model_config(args.lagged_construction)
     tokens = (args.boundaries + 1) * config.window
     flags = {
         name: [*f, "--device", args.device]
-        for name, f in systems(args.passes, args.max_passes, args.sleeper_nice).items()
+        for name, f in systems(args.passes, args.max_passes, args.sleeper_nice, args.sleep_worker).items()
     }
     rounds: dict[str, list[dict]] = {name: [] for name in flags}
     with tempfile.TemporaryDirectory(prefix="sleep-overlap-") as folder:
@@ -263,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_stream": tokens,
         "rounds": args.rounds,
         "sleeper_nice": args.sleeper_nice,
+        "sleep_worker": args.sleep_worker,
         "systems": rows,
     }
     base, product = rows[0], rows[-1]

@@ -11,6 +11,14 @@ and runs them as one batched `model.sleep` through a sleeper:
   child process it takes another core instead. Only the chunk, the memory and the new memory cross the
   pipe (a few kilobytes). With `nice` > 0 the child runs behind the server's threads (see
   `_background_priority`).
+- `interleaved`: no worker at all. The decode thread runs the sleeps itself after each of its steps
+  (`run_interleaved`), a slice at a time (a mixer, part of a gdn mixer or an MLP of one pass:
+  `HybridLM.pass_slices`), paced so that each finishes a little before its deadline, as vLLM's chunked
+  prefill spreads a prompt over decode steps. The sleeps of equal chunk length form one rolling batch:
+  a pass runs over all of them at once, each at its own pass, and jobs join and leave between passes
+  (continuous batching of sleep). A sleep then never competes with the decode loop and the event
+  loop for a core or the GIL; it lengthens the steps it follows instead, evenly. Its deadlines count
+  decode time only (`SleepExecutor.now`).
 The engine polls `future.done()` between decode steps and swaps the memory in; when a session cannot go
 on without it (its deadline), `future.result()` blocks, and that wait is the decode stall.
 """
@@ -20,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import multiprocessing
 import os
 import platform
@@ -28,7 +37,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Literal, Protocol
@@ -38,12 +48,13 @@ from torch import Tensor
 
 from model.config import ModelConfig
 from model.hybrid import HybridLM
+from model.slices import Slices
 from scheduler.jobs import ConsolidationJob, JobQueue
 from scheduler.policy import DepthPolicy
 
 log = logging.getLogger("sleepserve.scheduler")
 Memory = list[Tensor]  # one [B, H, K, V] tensor per gdn layer
-Isolation = Literal["thread", "process"]
+Isolation = Literal["thread", "process", "interleaved"]
 
 
 class _Gauge(Protocol):
@@ -85,6 +96,37 @@ class SleepResult:
     finished: float  # clock time
     deadline_missed: bool
     batch_size: int
+
+
+@dataclass
+class _Row:
+    """A job in the rolling batch: its own passes, the time of the passes it has taken part in."""
+
+    job: ConsolidationJob
+    future: Future[SleepResult]
+    passes_left: int
+    seconds: float = 0.0
+
+
+@dataclass
+class _Rolling:
+    """Interleaved sleeps in progress, as one batch of chunks of equal length (continuous batching of
+    sleep): a pass runs over every row at once, each row at its own pass (a block does not care which),
+    and jobs join and leave between passes."""
+
+    rows: list[_Row]
+    h: Tensor  # [B, T, d] hidden states carried from pass to pass
+    fast: Memory  # the fast weights so far, one [B, H, K, V] tensor per gdn layer
+    current: Slices[tuple[Tensor, Memory]]  # the pass under way
+    memory_only: bool  # it is every row's last (see `HybridLM.pass_slices`)
+    count: int  # its slices
+    done: int = 0  # of them run
+    seconds: float = 0.0  # spent on them
+    last_pass: float = 0.0  # seconds of the last whole pass
+
+    @property
+    def tokens(self) -> int:
+        return self.h.shape[1]
 
 
 class LocalSleeper:
@@ -219,13 +261,23 @@ def _serve_sleeps(conn: Connection, config: dict, weights: dict, nice: int) -> N
             conn.send(exc)
 
 
+_PACE_TARGET = (
+    0.6  # interleaved sleeps are paced to finish with 40% of the decode time to their deadline left
+)
+
+
 class SleepExecutor:
     """Runs consolidation jobs on `workers` threads, batching up to `max_batch` equal jobs. With
     isolation="process" each worker thread hands its batches to a child process of its own, run at
-    `nice` below the server's priority (`ProcessSleeper`).
+    `nice` below the server's priority (`ProcessSleeper`). With isolation="interleaved" there is no
+    worker: the decode thread runs the sleeps a slice at a time (`run_interleaved`), paced to their
+    deadlines; the depth policy (required) gives each job the N whose planned cost takes at most
+    `share` of the thread's time, and a sleep that falls behind may take up to halfway from `share` to
+    all of it to catch up.
     `batch_wait`: how long (seconds, of the real clock) a worker may hold the earliest job back for
-    equal jobs to join its batch, as when sessions cross their boundaries a step apart; only while the
-    job can still finish by its deadline (so never a job due now), and no longer once the batch is full.
+    equal jobs to join its batch, as when sessions cross their boundaries a few steps apart; only while
+    the job can still finish by its deadline (so never a job due now), and no longer once the batch is
+    full. (Interleaved, jobs join the rolling batch between passes instead.)
     """
 
     def __init__(
@@ -239,18 +291,29 @@ class SleepExecutor:
         isolation: Isolation = "thread",
         nice: int = 0,
         batch_wait: float = 0.0,
+        share: float = 0.35,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch < 1 or workers < 1 or batch_wait < 0:
             raise ValueError("max_batch and workers must be positive, batch_wait not negative")
         if nice and isolation != "process":
             raise ValueError("nice sets the priority of a sleeper process: it needs isolation='process'")
+        if not 0 < share < 1:
+            raise ValueError(f"share must lie in (0, 1), got {share}")
+        self.interleaved = isolation == "interleaved"
+        if self.interleaved and policy is None:
+            raise ValueError("interleaved sleep is paced by planned costs: it needs a depth policy")
         self.model, self.max_batch, self.batch_wait, self.clock = model, max_batch, batch_wait, clock
-        self.policy, self.metrics = policy, metrics
-        self._sleepers: list[LocalSleeper | ProcessSleeper] = [
-            ProcessSleeper(model, nice) if isolation == "process" else LocalSleeper(model)
-            for _ in range(workers)
-        ]
+        self.policy, self.metrics, self.share = policy, metrics, share
+        self._sleepers: list[LocalSleeper | ProcessSleeper] = []
+        if not self.interleaved:
+            self._sleepers = [
+                ProcessSleeper(model, nice) if isolation == "process" else LocalSleeper(model)
+                for _ in range(workers)
+            ]
+        self._rolling: _Rolling | None = None  # interleaved: the sleeps in progress
+        self._credit = 0.0  # interleaved: seconds of sleep the decode thread owes the sleeps in progress
+        self._slept = 0.0  # interleaved: seconds it has spent on them
         self._queue = JobQueue()
         self._futures: dict[int, Future[SleepResult]] = {}
         self._running: dict[int, ConsolidationJob] = {}
@@ -267,19 +330,26 @@ class SleepExecutor:
         """Jobs queued (not yet running)."""
         return len(self._queue)
 
+    def now(self) -> float:
+        """The clock job deadlines are set on: `clock`; interleaved, minus the time the decode thread
+        has spent on sleep slices, so that it counts decode time only. A deadline set as "after so
+        many more tokens at the session's decode rate" is then met by a pace that adds the sleep on
+        top of the decoding, whatever share that pace takes."""
+        return self.clock() - self._slept
+
     def calibrate(self, tokens: int, repeats: int = 2) -> float:
         """Time one pass over a chunk of `tokens` tokens, alone and in a full batch, through a worker's
         sleeper (a child process included) and seed the policy with both. Returns the seconds of one
-        pass over one chunk."""
-        timings = {}
+        pass over one chunk. (Timed as half a 2-pass sleep: a sleep's last pass is shorter.)"""
+        timings, sleeper = {}, self._sleepers[0] if self._sleepers else LocalSleeper(self.model)
         for rows in sorted({1, self.max_batch}):
             memory = self.model.empty_memory(rows)
             chunk = torch.zeros(rows, tokens, dtype=torch.long, device=self.model.device)
             best = float("inf")
             for _ in range(repeats):
                 start = time.perf_counter()
-                self._sleepers[0](memory, chunk, 1)
-                best = min(best, time.perf_counter() - start)
+                sleeper(memory, chunk, 2)
+                best = min(best, (time.perf_counter() - start) / 2)
             timings[rows] = best
             if self.policy is not None:
                 self.policy.seed(tokens, best, rows)
@@ -293,7 +363,7 @@ class SleepExecutor:
         """Queue `jobs` at once and return the futures of their results: no worker starts on the first
         before the last is queued, so equal ones run as one batch. A job without `passes` gets the
         policy's choice now (from its slack and the work queued ahead of it, the jobs before it in
-        this list included)."""
+        this list included); interleaved, when its batch starts, one N for the whole batch."""
         if not jobs:
             return []
         for job in jobs:
@@ -309,7 +379,7 @@ class SleepExecutor:
             if self._closed:
                 raise RuntimeError("the sleep executor is shut down")
             for job in jobs:
-                if job.passes is None:
+                if job.passes is None and not self.interleaved:
                     job.passes = self._choose_passes(job, min(together[job.tokens], self.max_batch))
                 futures.append(Future())
                 self._futures[job.id] = futures[-1]
@@ -337,6 +407,15 @@ class SleepExecutor:
                     self._futures.pop(job.id).cancel()
                 self._set_depth()
             self._cond.notify_all()
+        if self.interleaved:  # the caller's thread is the worker: finish the jobs, or drop them
+            if cancel_pending and self._rolling is not None:
+                rows, self._rolling = self._rolling.rows, None
+                self._release([row.job for row in rows])
+                self._fail(
+                    [(row.job, row.future) for row in rows], RuntimeError("the sleep executor is shut down")
+                )
+            while wait and self._run_slice() is not None:
+                pass
         if wait:
             for thread in self._threads:
                 thread.join()
@@ -353,8 +432,8 @@ class SleepExecutor:
         (one row more) where the batch was not due before it (EDF then runs the batch at the job's
         turn)."""
         assert self.policy is not None
-        ahead = self._work_ahead(job.deadline)
-        chosen = self.policy.choose(job.tokens, job.deadline, ahead, rows)
+        ahead, due = self._work_ahead(job.deadline), self._planning_deadline(job.deadline)
+        chosen = self.policy.choose(job.tokens, due, ahead, rows)
         batches: dict[int, list[float]] = {}  # passes -> deadlines of the queued equal jobs
         for j in self._queue.snapshot():
             if j.tokens == job.tokens and j.passes is not None:
@@ -365,9 +444,17 @@ class SleepExecutor:
                 continue
             due_later = min(deadlines) > job.deadline
             own = self.policy.estimate(job.tokens, passes, room + 1) if due_later else 0.0
-            if self.clock() + ahead + own <= job.deadline:
+            if self.clock() + ahead + own <= due:
                 return passes
         return chosen
+
+    def _planning_deadline(self, deadline: float) -> float:
+        """When, on the policy's clock, the work for a job due at `deadline` must be done if it is to
+        take the time a worker gives it: all of it; interleaved, `share` of the decode thread's time,
+        which is share / (1 - share) of the decode time until the deadline (see `now`)."""
+        if not self.interleaved:
+            return deadline
+        return self.clock() + self.share / (1 - self.share) * (deadline - self.now())
 
     def _work_ahead(self, deadline: float) -> float:
         """Planned seconds of queued and running work that runs before a job due at `deadline`. Equal
@@ -385,7 +472,7 @@ class SleepExecutor:
                 full, rest = divmod(count, self.max_batch)
                 total += full * self.policy.estimate(tokens, passes, self.max_batch)
                 total += self.policy.estimate(tokens, passes, rest) if rest else 0.0
-        return total / len(self._threads)
+        return total / max(1, len(self._threads))  # interleaved: the decode thread alone
 
     def _set_depth(self) -> None:
         if self.metrics is not None:
@@ -405,9 +492,7 @@ class SleepExecutor:
                 if items:
                     self._run(items, sleeper)
             finally:
-                with self._cond:
-                    for job, _ in items:
-                        self._running.pop(job.id, None)
+                self._release([job for job, _ in items])
 
     def _next_batch(self) -> list[ConsolidationJob]:
         """The next batch to run, held back up to `batch_wait`; empty once closed and drained. Called
@@ -441,36 +526,231 @@ class SleepExecutor:
         sleeper: LocalSleeper | ProcessSleeper,
     ) -> None:
         jobs = [job for job, _ in items]
-        passes, device = jobs[0].passes, self.model.device
-        assert passes is not None
+        assert jobs[0].passes is not None
         start = self.clock()
         try:
-            memory = [
-                torch.stack([job.memory[i].to(device) for job in jobs]) for i in range(len(jobs[0].memory))
-            ]
-            chunk = torch.tensor([job.chunk for job in jobs], dtype=torch.long, device=device)
-            out = sleeper(memory, chunk, passes)
-            per_job = [[m[b].clone() for m in out] for b in range(len(jobs))]
+            out = sleeper(*self._inputs(jobs), jobs[0].passes)
         except BaseException as exc:
-            for _, future in items:
-                future.set_exception(exc)
+            self._fail(items, exc)
             return
-        finished = self.clock()
-        seconds = finished - start
+        self._publish(items, out, [self.clock() - start] * len(items))
+
+    def _inputs(self, jobs: list[ConsolidationJob]) -> tuple[Memory, Tensor]:
+        """The batch's stacked memory (one [B, H, K, V] tensor per gdn layer) and chunks [B, T]."""
+        device = self.model.device
+        memory = [torch.stack([job.memory[i].to(device) for job in jobs]) for i in range(len(jobs[0].memory))]
+        return memory, torch.tensor([job.chunk for job in jobs], dtype=torch.long, device=device)
+
+    @staticmethod
+    def _fail(items: list[tuple[ConsolidationJob, Future[SleepResult]]], exc: BaseException) -> None:
+        for _, future in items:
+            future.set_exception(exc)
+
+    def _publish(
+        self,
+        items: list[tuple[ConsolidationJob, Future[SleepResult]]],
+        out: Memory,
+        seconds: list[float],
+        rows: int | None = None,
+    ) -> None:
+        """Resolve finished jobs' futures with their rows of `out`, which took `seconds` of work each
+        in a batch of `rows` (None: these jobs alone, one batch, whose cost the policy then learns; a
+        rolling batch teaches it pass by pass). Late ones count one miss to the policy."""
+        jobs = [job for job, _ in items]
+        finished = self.now()
         missed = [finished > job.deadline for job in jobs]
         if self.policy is not None:
-            self.policy.observe(jobs[0].tokens, passes, seconds, len(jobs))
+            if rows is None:
+                assert jobs[0].passes is not None
+                self.policy.observe(jobs[0].tokens, jobs[0].passes, seconds[0], len(jobs))
             if any(missed):
                 self.policy.record_miss()
-        for (job, future), memory_out, late in zip(items, per_job, missed, strict=True):
+        for b, ((job, future), late, spent) in enumerate(zip(items, missed, seconds, strict=True)):
+            passes = job.passes
+            assert passes is not None
             if self.metrics is not None:
-                self.metrics.sleep_duration.labels(trigger=job.trigger).observe(seconds)
+                self.metrics.sleep_duration.labels(trigger=job.trigger).observe(spent)
                 self.metrics.sleep_passes.observe(passes)
                 self.metrics.sleep_tokens.inc(job.tokens)
                 if late:
                     self.metrics.sleep_deadline_misses.inc()
+            memory = [m[b].clone() for m in out]
             future.set_result(
                 SleepResult(
-                    job.id, job.session, memory_out, job.tokens, passes, seconds, finished, late, len(jobs)
+                    job.id,
+                    job.session,
+                    memory,
+                    job.tokens,
+                    passes,
+                    spent,
+                    finished,
+                    late,
+                    rows or len(jobs),
                 )
             )
+
+    # -- interleaved: the decode thread is the worker ----------------------------------------------
+    # Called from that one thread only (the engine's), so the rolling batch needs no lock.
+
+    def run_interleaved(self, busy: float) -> None:
+        """The decode thread's turn to sleep, after `busy` seconds of other work (a step): interleaved,
+        run slices for the share of its time that keeps every sleep on pace for its deadline (`_pace`);
+        with a worker, nothing (it runs on its own)."""
+        if not self.interleaved:
+            return
+        self._credit += busy * self._pace()
+        while self._credit > 0:
+            spent = self._run_slice()
+            if spent is None:  # nothing to run: no credit is kept for later work
+                self._credit = 0.0
+                return
+            self._credit -= spent
+
+    def wait(self, futures: list[Future[SleepResult]], timeout: float) -> None:
+        """Wait until one of `futures` is done or `timeout` seconds pass; interleaved, by running
+        slices (all of the caller's time: it has nothing else to do)."""
+        if not self.interleaved:
+            wait_futures(futures, timeout=timeout, return_when=FIRST_COMPLETED)
+            return
+        end = time.monotonic() + timeout
+        while not any(f.done() for f in futures) and time.monotonic() < end:
+            if self._run_slice() is None:
+                return
+
+    def result(self, future: Future[SleepResult]) -> SleepResult:
+        """`future.result()`; interleaved, running slices until it is done."""
+        while self.interleaved and not future.done():
+            if self._run_slice() is None:
+                raise RuntimeError("waiting for a sleep that is neither queued nor running")
+        return future.result()
+
+    def _pace(self) -> float:
+        """Seconds of sleep per second of decoding that finish every sleep a little before its deadline
+        (at `_PACE_TARGET` of the decode time left, see `now`), from the expected costs (no planning
+        margin: a pace that falls behind rises by itself): a row of the rolling batch needs its passes
+        left, which every pass advances for all rows at once; a queued job, in EDF order, what the
+        batch has left plus the jobs due before it and its own. At most what gives sleep halfway from
+        `share` to all of the thread's time."""
+        assert self.policy is not None
+        now, need, work = self.now(), 0.0, 0.0
+        rolling = self._rolling
+        if rolling is not None:
+            expected = self.policy.pass_seconds(rolling.tokens, len(rolling.rows), margin=False)
+            per_pass = max(expected, rolling.last_pass)  # where passes run slower than the policy knows yet
+            into = rolling.done / rolling.count  # of the pass under way
+            for row in rolling.rows:
+                row_work = (row.passes_left - into) * per_pass
+                need = max(need, _ratio(row_work, _PACE_TARGET * (row.job.deadline - now)))
+                work = max(work, row_work)
+        queued = self._queue.snapshot() if len(self._queue) else []  # most steps: none
+        equal = Counter(job.tokens for job in queued)
+        for job in queued:
+            rows = min(equal[job.tokens], self.max_batch)
+            passes = job.passes or self.policy.min_passes
+            work += self.policy.estimate(job.tokens, passes, rows, margin=False) / rows
+            need = max(need, _ratio(work, _PACE_TARGET * (job.deadline - now)))
+        most = (1 + self.share) / 2
+        return min(need, most / (1 - most))
+
+    def _run_slice(self) -> float | None:
+        """Run the next slice of the pass under way: between passes, rows that are done leave, queued
+        jobs join, and the next pass starts. Returns the slice's seconds, None if nothing ran."""
+        if self._rolling is None and not self._roll():
+            return None
+        rolling = self._rolling
+        assert rolling is not None
+        start, ended = time.perf_counter(), None
+        try:
+            next(rolling.current)
+        except StopIteration as end:
+            ended = end.value
+        except BaseException as exc:
+            self._rolling = None
+            self._release([row.job for row in rolling.rows])
+            self._fail([(row.job, row.future) for row in rolling.rows], exc)
+            spent = time.perf_counter() - start
+            self._slept += spent
+            return spent
+        spent = time.perf_counter() - start
+        self._slept += spent
+        rolling.done, rolling.seconds = rolling.done + 1, rolling.seconds + spent
+        if ended is not None:
+            self._end_pass(rolling, *ended)
+        return spent
+
+    def _end_pass(self, rolling: _Rolling, h: Tensor, fast: Memory) -> None:
+        """A pass over every row is done: publish the rows with no pass left, keep the rest, let
+        queued jobs join, start the next pass (or end the rolling batch)."""
+        assert self.policy is not None
+        if not rolling.memory_only:  # the policy plans whole passes
+            self.policy.observe(rolling.tokens, 1, rolling.seconds, len(rolling.rows))
+            rolling.last_pass = rolling.seconds
+        for row in rolling.rows:
+            row.passes_left -= 1
+            row.seconds += rolling.seconds
+        finished = [b for b, row in enumerate(rolling.rows) if row.passes_left == 0]
+        if finished:
+            done = [rolling.rows[b] for b in finished]
+            items = [(row.job, row.future) for row in done]
+            self._publish(
+                items, [m[finished] for m in fast], [row.seconds for row in done], len(rolling.rows)
+            )
+            self._release([row.job for row in done])
+        keep = [b for b, row in enumerate(rolling.rows) if row.passes_left > 0]
+        rolling.rows = [rolling.rows[b] for b in keep]
+        rolling.h, rolling.fast = h[keep], [m[keep] for m in fast]
+        self._rolling = rolling if rolling.rows else None
+        if not self._roll():
+            self._credit = max(self._credit, 0.0)  # no debt: the next sleep starts on its own pace
+
+    def _roll(self) -> bool:
+        """Between passes: add the queued jobs that may join (the earliest ones of the batch's chunk
+        length, ahead of any other length, up to `max_batch` rows; a job without N gets one from its
+        slack and `share`), then start the next pass over every row: a memory-only pass where it is
+        every row's last. False when nothing is left."""
+        rolling = self._rolling
+        rows: list[_Row] = list(rolling.rows) if rolling else []
+        tokens = rolling.tokens if rolling else None
+        joining: list[_Row] = []
+        with self._cond:
+            for job in self._queue.snapshot():
+                tokens = tokens or job.tokens  # a new batch takes the earliest job's length
+                if job.tokens != tokens or len(rows) + len(joining) == self.max_batch:
+                    break
+                future = self._futures.pop(self._queue.take(job).id)
+                if future.set_running_or_notify_cancel():
+                    joining.append(_Row(job, future, 0))
+            self._running.update((row.job.id, row.job) for row in joining)
+            self._set_depth()
+        if joining:
+            assert self.policy is not None
+            for row in joining:  # planned as passes of a full batch: others may join it and slow it
+                if row.job.passes is None:
+                    due = self._planning_deadline(row.job.deadline)
+                    row.job.passes = self.policy.choose(row.job.tokens, due, 0.0, self.max_batch)
+                row.passes_left = row.job.passes
+            memory, chunk = self._inputs([row.job for row in joining])
+            h, fast = self.model.embed(chunk), memory
+            if rolling is not None:
+                h = torch.cat([rolling.h, h])
+                fast = [torch.cat([mine, theirs]) for mine, theirs in zip(rolling.fast, memory, strict=True)]
+            rows += joining
+        elif rolling is not None:
+            h, fast = rolling.h, rolling.fast
+        else:
+            return False
+        last = all(row.passes_left == 1 for row in rows)
+        count = self.model.pass_slice_count(memory_only=last) + 1  # its yields, then its return
+        current = self.model.pass_slices(h, fast, memory_only=last)
+        last_pass = rolling.last_pass if rolling else 0.0
+        self._rolling = _Rolling(rows, h, fast, current, last, count, last_pass=last_pass)
+        return True
+
+    def _release(self, jobs: list[ConsolidationJob]) -> None:
+        with self._cond:
+            for job in jobs:
+                self._running.pop(job.id, None)
+
+
+def _ratio(work: float, time_left: float) -> float:
+    return work / time_left if time_left > 0 else math.inf

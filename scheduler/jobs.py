@@ -74,6 +74,13 @@ class JobQueue:
                 heapq.heapify(self._heap)
             return batch
 
+    def take(self, job: ConsolidationJob) -> ConsolidationJob:
+        """Remove `job` (queued) and return it."""
+        with self._lock:
+            self._heap = [entry for entry in self._heap if entry[2] is not job]
+            heapq.heapify(self._heap)
+        return job
+
     def cancel(self, session: str) -> list[ConsolidationJob]:
         """Remove and return the queued jobs of `session`."""
         with self._lock:

@@ -89,10 +89,10 @@ class DepthPolicy:
         with self._lock:
             return self._decayed(self.clock())
 
-    def pass_seconds(self, tokens: int, rows: int = 1) -> float:
+    def pass_seconds(self, tokens: int, rows: int = 1, margin: bool = True) -> float:
         """Planned seconds of one pass over a batch of `rows` chunks of `tokens` tokens: the observed
-        mean plus `deviations` deviations, borrowed from the nearest observed shape when this one is
-        unseen, else the per-token default."""
+        mean plus (`margin`) `deviations` deviations, borrowed from the nearest observed shape when this
+        one is unseen, else the per-token default."""
         with self._lock:
             if not self._costs:
                 return self.token_pass_seconds * tokens * rows
@@ -102,12 +102,13 @@ class DepthPolicy:
                 (r for t, r in self._costs if t == near_length), key=lambda r: (r < rows, abs(r - rows))
             )  # the closest batch at least as large, else the largest smaller one
             cost = self._costs[near_length, near_rows]
-        planned = cost.mean + self.deviations * cost.deviation
+        planned = cost.mean + self.deviations * cost.deviation if margin else cost.mean
         return planned * tokens / near_length * max(1.0, rows / near_rows)
 
-    def estimate(self, tokens: int, passes: int, rows: int = 1) -> float:
-        """Planned seconds of a sleep of `passes` passes over a batch of `rows` chunks of `tokens` tokens."""
-        return passes * self.pass_seconds(tokens, rows)
+    def estimate(self, tokens: int, passes: int, rows: int = 1, margin: bool = True) -> float:
+        """Planned seconds of a sleep of `passes` passes over a batch of `rows` chunks of `tokens` tokens
+        (`margin`: see `pass_seconds`)."""
+        return passes * self.pass_seconds(tokens, rows, margin)
 
     def choose(self, tokens: int, deadline: float, work_ahead: float = 0.0, rows: int = 1) -> int:
         """N for a chunk of `tokens` tokens due at `deadline` (clock time), in a batch of `rows` chunks,
@@ -130,18 +131,26 @@ class DepthPolicy:
 
 
 class DecodeRate:
-    """EMA of one session's decode rate in tokens per second, `initial` until observed."""
+    """One session's decode rate in tokens per second, `initial` until observed: the inverse of an EMA
+    of its seconds per token. (An EMA of the rates themselves overstates the rate when step times
+    vary, as they do with sleep interleaved into some steps, and so puts deadlines too early.)"""
 
     def __init__(self, initial: float, ema: float = 0.2) -> None:
         if initial <= 0:
             raise ValueError(f"initial decode rate must be positive, got {initial}")
-        self.rate, self.ema, self._observed = initial, ema, False
+        self.ema, self._per_token, self._observed = ema, 1.0 / initial, False
+
+    @property
+    def rate(self) -> float:
+        return 1.0 / self._per_token
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens <= 0 or seconds <= 0:
             return
-        sample = tokens / seconds
-        self.rate = sample if not self._observed else self.rate + self.ema * (sample - self.rate)
+        sample = seconds / tokens
+        self._per_token = (
+            sample if not self._observed else self._per_token + self.ema * (sample - self._per_token)
+        )
         self._observed = True
 
 

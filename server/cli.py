@@ -38,7 +38,18 @@ SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
     ("--store", "store", str, "session store: memory | redis://host:port/db"),
     ("--schedule", "schedule", str, "hard | lagged (default: the checkpoint's)"),
     ("--sleep-mode", "sleep_mode", str, "background (off the decode path, default) | inline"),
-    ("--sleep-worker", "sleep_worker", str, "auto (default) | thread | process: where background sleep runs"),
+    (
+        "--sleep-worker",
+        "sleep_worker",
+        str,
+        "auto (default) | thread | process | interleaved: where background sleep runs",
+    ),
+    (
+        "--sleep-share",
+        "sleep_share",
+        float,
+        "interleaved: share of the decode thread's time N is planned for (0.35)",
+    ),
     ("--sleeper-nice", "sleeper_nice", int, "nice value of the sleeper process, 0 (default) to 19"),
     (
         "--sleep-passes",

@@ -76,7 +76,7 @@ def build_server(settings: Settings, model: HybridLM | None = None) -> Server:
         policy = DepthPolicy(settings.min_passes, settings.max_passes)
         isolation = settings.sleep_worker
         if isolation == "auto":
-            isolation = "process" if model.device.type == "cpu" else "thread"
+            isolation = "interleaved" if model.device.type == "cpu" else "thread"
         executor = SleepExecutor(
             model,
             policy=policy,
@@ -84,6 +84,7 @@ def build_server(settings: Settings, model: HybridLM | None = None) -> Server:
             isolation=isolation,
             nice=settings.sleeper_nice,
             batch_wait=settings.sleep_batch_wait,
+            share=settings.sleep_share,
         )
         executor.calibrate(config.window)
     store = open_store(

@@ -17,7 +17,9 @@ each call wakes the event loop, which then takes the GIL from the decode loop.
 
 Window boundaries (`Engine._consolidate`). With no executor the sequence sleeps right there, on the
 decode thread (`model.session.cross_boundary`). With a `SleepExecutor` the sleep runs on its worker
-(a thread, or a child process on CPU) and the decode loop never waits for another session's sleep:
+(a thread, or a child process on CPU), or interleaved: on the decode thread, a few slices after each
+step, paced to the sleeps' deadlines (`SleepExecutor.run_interleaved`). Either way the decode loop
+never waits for another session's sleep:
 - `hard`: the sequence leaves the batch until its own sleep is done (a decode stall for it alone).
 - `lagged`: the sleep on chunk j−1 starts when chunk j−1 completes and is due when chunk j completes,
   so it runs while chunk j is decoded. At that boundary the new memory is swapped in and the window is
@@ -160,6 +162,7 @@ class Sequence:
     generator: torch.Generator | None = None
     decoder: StreamDecoder = field(default_factory=StreamDecoder)
     last_token_at: float = 0.0
+    decoded_at: float = 0.0  # the same instant on the clock sleep deadlines are set on (`_decode_clock`)
     # Background sleep (with an executor): the pending consolidation of the tail's first chunk, and
     # since when the sequence has been waiting at a boundary for it.
     sleep: concurrent.futures.Future[SleepResult] | None = None
@@ -331,11 +334,14 @@ class Engine:
         fed += self._decode()
         self._flush()
         self._update_gauges()
+        if self.executor is not None:  # interleaved sleep takes its slices of this thread's time here
+            self.executor.run_interleaved(busy=time.perf_counter() - started)
         if fed or self._crossed:
             self._step_seconds[self._crossed].observe(time.perf_counter() - started)
         blocked = [s.sleep for s in self.running if s.blocked_since is not None and s.sleep is not None]
         if not fed and blocked:  # everyone waits for a sleep: wait with them instead of spinning
-            concurrent.futures.wait(blocked, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
+            assert self.executor is not None
+            self.executor.wait(blocked, timeout=0.05)
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_running:
@@ -493,7 +499,7 @@ class Engine:
         if not seqs:
             return
         assert self.executor is not None
-        model, now, jobs = self.model, time.monotonic(), []
+        model, now, jobs = self.model, self._decode_clock(), []
         for seq in seqs:
             state = seq.state
             n_tokens = state.prev_len if model.config.schedule == "lagged" else len(state.tail)
@@ -530,9 +536,10 @@ class Engine:
         if not seqs:
             return
         lagged = self.model.config.schedule == "lagged"
+        assert self.executor is not None
         for seq in seqs:
             assert seq.sleep is not None
-            result, seq.sleep = seq.sleep.result(), None
+            result, seq.sleep = self.executor.result(seq.sleep), None
             state = seq.state
             n_tokens = state.prev_len if lagged else len(state.tail)
             apply_sleep(state, result.memory, n_tokens, result.passes, result.seconds)
@@ -576,6 +583,11 @@ class Engine:
         self._unblock(seq)
         self._cross([seq])
 
+    def _decode_clock(self) -> float:
+        """The clock sleep deadlines are set on (`SleepExecutor.now`: with interleaved sleep it leaves
+        out the decode thread's sleeping, so a session's rate and deadlines count its decoding only)."""
+        return self.executor.now() if self.executor is not None else time.monotonic()
+
     def _count_sleep(self, seq: Sequence, tokens: int, passes: int, seconds: float) -> None:
         seq.stats.consolidated_tokens += tokens
         seq.stats.sleep_passes += passes
@@ -592,13 +604,13 @@ class Engine:
         """Sample the next token after `seq.logits`, emit its text, and decide whether the request ends."""
         params = seq.request.params
         token = sample(seq.logits, params, seq.generator)
-        now = time.monotonic()
+        now, decoded = time.monotonic(), self._decode_clock()
         if seq.generated:
             self.metrics.inter_token_latency.observe(now - seq.last_token_at)
-            seq.rate.observe(1, now - seq.last_token_at)
+            seq.rate.observe(1, decoded - seq.decoded_at)
         else:
             self.metrics.time_to_first_token.observe(now - seq.request.arrival)
-        seq.last_token_at = now
+        seq.last_token_at, seq.decoded_at = now, decoded
         seq.generated.append(token)
         seq.stats.completion_tokens += 1
         self.metrics.generation_tokens.inc()

@@ -47,8 +47,9 @@ class Metrics:
         self.sleep_queue_depth = Gauge(p + "sleep_queue_depth", "Consolidation jobs waiting.", registry=r)
         self.engine_step = Histogram(
             p + "engine_step_seconds",
-            "Duration of an engine iteration that did work, by whether it crossed a window boundary "
-            "(swapped a sleep's memory in and rebuilt or, with stale-kv, moved windows).",
+            "Duration of an engine iteration that did work (interleaved sleep slices included), by "
+            "whether it crossed a window boundary (swapped a sleep's memory in and rebuilt or, with "
+            "stale-kv, moved windows).",
             ["boundary"],
             buckets=_GAP,
             registry=r,

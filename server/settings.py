@@ -26,10 +26,13 @@ class Settings(BaseSettings):
     # deterministic); "auto" chooses it per sleep in [min_passes, max_passes] from the slack to its
     # deadline (background only): deep when idle, shallow under load.
     sleep_mode: Literal["background", "inline"] = "background"
-    # Where a background sleep runs: a thread of this process ("thread": on CUDA in its own stream) or
-    # a child process ("process": on CPU it then never holds the decode loop's GIL). "auto": process
-    # on CPU, thread on CUDA.
-    sleep_worker: Literal["auto", "thread", "process"] = "auto"
+    # Where a background sleep runs: a thread of this process ("thread": on CUDA in its own stream), a
+    # child process ("process": on CPU it then never holds the decode loop's GIL), or the decode
+    # thread itself between its steps ("interleaved": a slice at a time, paced to the deadlines, N
+    # planned to take at most `sleep_share` of its time). "auto": interleaved on CPU (where a sleeper
+    # beside the decode loop competes with it and the event loop for the cores), thread on CUDA.
+    sleep_worker: Literal["auto", "thread", "process", "interleaved"] = "auto"
+    sleep_share: float = Field(0.35, gt=0, lt=1)
     # How far below the server the sleeper process runs (a nice value, 0-19): on a machine whose cores
     # the sleeper shares with the decode loop and the event loop, a high value (with the kernel's
     # shortest time slice, where it has one) keeps the loop's hand-out of tokens from waiting behind a
@@ -42,8 +45,9 @@ class Settings(BaseSettings):
     idle_consolidation: float | None = Field(None, gt=0)
     idle_worker: Literal["local", "remote"] = "local"
     sleep_stream: str = "sleepserve:sleep-jobs"
-    # Seconds a background sleep may wait for equal ones to join its batch (sessions crossing their
-    # boundaries a step apart), while it still finishes by its deadline.
+    # Seconds a sleep on a worker (thread, process) may wait for equal ones to join its batch (sessions
+    # crossing their boundaries a step apart), while it still finishes by its deadline. Interleaved,
+    # jobs join the rolling batch between passes instead.
     sleep_batch_wait: float = Field(0.005, ge=0)
     min_passes: int = Field(1, ge=1)
     max_passes: int = Field(4, ge=1)
@@ -75,9 +79,9 @@ class Settings(BaseSettings):
             raise ValueError("idle_worker=remote needs the Redis store")
         if self.sleep_worker == "process" and self.device != "cpu":
             raise ValueError("sleep_worker=process runs on CPU; on a GPU use thread (its own CUDA stream)")
-        if self.sleeper_nice and (self.sleep_worker == "thread" or self.device != "cpu"):
+        if self.sleeper_nice and self.sleep_worker != "process":
             raise ValueError(
-                "sleeper_nice sets the sleeper process's priority: it needs sleep_worker process (CPU)"
+                "sleeper_nice sets the sleeper process's priority: it needs sleep_worker=process"
             )
         if self.sleep_passes == "auto" and self.sleep_mode != "background":
             raise ValueError("sleep_passes=auto (adaptive depth) needs sleep_mode=background")

@@ -10,14 +10,16 @@ from bench import engine_itl
 
 
 @pytest.mark.parametrize(
-    "weights, construction", [("random", "re-prefill"), ("random", "stale-kv"), ("checkpoint", "re-prefill")]
+    "weights, construction, worker",
+    [("random", "re-prefill", "process"), ("random", "stale-kv", "auto"), ("checkpoint", "stale-kv", "auto")],
 )
-def test_engine_itl_measures_both_systems(tmp_path, weights, construction) -> None:
+def test_engine_itl_measures_both_systems(tmp_path, weights, construction, worker) -> None:
+    """(The shipped checkpoint's own construction is stale-kv; `auto` sleeps interleaved on CPU.)"""
     out = tmp_path / "engine_itl.json"
     args = ["--streams", "2", "--boundaries", "3", "--rounds", "1", "--weights", weights, "--out", str(out)]
-    report = engine_itl.main([*args, "--lagged-construction", construction])
+    report = engine_itl.main([*args, "--lagged-construction", construction, "--sleep-worker", worker])
     assert json.loads(out.read_text()) == report and report["weights"] == weights
-    assert report["lagged_construction"] == construction
+    assert report["lagged_construction"] == construction and report["sleep_worker"] == worker
     no_sleep, lagged = report["systems"]
     assert [no_sleep["name"], lagged["name"]] == ["no-sleep", "lagged-scheduled"]
     assert no_sleep["mean_passes"] == 1.0 and 1.0 <= lagged["mean_passes"] <= 4.0

@@ -7,7 +7,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -312,3 +312,96 @@ def test_work_ahead_counts_batches_not_jobs(model: HybridLM) -> None:
         gated.release.set()
         assert chosen.result(timeout=30).passes == 7
         assert [f.result(timeout=30).batch_size for f in queued] == [4, 4, 4, 4]
+
+
+def interleaved(model: HybridLM, clock: Callable[[], float] = time.monotonic, **kw) -> SleepExecutor:
+    """An interleaved executor whose policy plans a pass over 8 tokens at 1 ms for any batch (no margin)."""
+    policy = DepthPolicy(1, 8, deviations=0.0, clock=clock)
+    for rows in (1, 8):
+        policy.seed(8, 0.001, rows)
+    return SleepExecutor(model, policy=policy, isolation="interleaved", clock=clock, **kw)
+
+
+def test_interleaved_equals_model_sleep_and_runs_only_on_the_callers_turn(model: HybridLM) -> None:
+    """Interleaved, nothing runs until the caller lends its thread (`run_interleaved`, `wait`); the
+    batch's results equal each job run alone by `model.sleep`, and the metrics count them."""
+    metrics = Metrics()
+    executor = interleaved(model, metrics=metrics)
+    try:
+        jobs = [random_job(model, seed, passes=3) for seed in (31, 32, 33)]
+        futures = executor.submit_all(jobs)
+        time.sleep(0.05)
+        assert not any(f.running() or f.done() for f in futures)  # no worker of its own
+        executor.wait(futures, timeout=30)
+        results = [f.result(timeout=0) for f in futures]
+    finally:
+        executor.shutdown()
+    assert [r.batch_size for r in results] == [3, 3, 3]
+    for job, result in zip(jobs, results, strict=True):
+        for got, want in zip(result.memory, direct(model, job, 3), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert sample(metrics, "sleepserve_sleep_passes_sum") == 9
+    assert sample(metrics, "sleepserve_sleep_tokens_total") == 24
+
+
+def test_interleaved_paces_its_slices_to_the_deadline(model: HybridLM, clock) -> None:
+    """Each turn runs the share of the caller's time that finishes the batch by its deadline: a job due
+    in a second gets a slice now and then, one due now the most a turn allows (halfway from `share`
+    to all), so it takes far fewer turns."""
+
+    def turns_to_finish(due_in: float) -> int:
+        executor = interleaved(model, clock)
+        try:
+            future = executor.submit(random_job(model, 41, passes=4, deadline=clock() + due_in))
+            turns = 0
+            while not future.done():
+                executor.run_interleaved(busy=0.002)
+                turns += 1
+                assert turns < 10_000
+            return turns
+        finally:
+            executor.shutdown()
+
+    slices = model.sleep_slice_count(4) + 1
+    assert turns_to_finish(1.0) > slices  # a slice now and then: each overshoots the credit of a turn
+    assert turns_to_finish(0.0) < slices / 2
+
+
+def test_interleaved_depth_per_job_and_a_rolling_batch(model: HybridLM, clock) -> None:
+    """Jobs of one chunk length run as one rolling batch, each with the deepest N whose expected cost
+    (1 ms a pass) fits in `share` of its own slack, leaving the batch after its own passes; a job
+    queued meanwhile joins between passes. Every result equals its job run alone."""
+    executor = interleaved(model, clock, share=0.05, max_batch=4)
+    jobs = [
+        random_job(model, seed, passes=None, deadline=clock() + due) for seed, due in [(61, 0.1), (62, 0.04)]
+    ]
+    futures = executor.submit_all(jobs)
+    executor.wait(futures[1:], timeout=30)  # 2 passes: the third has started, for the first job alone
+    late = random_job(model, 63, passes=3)
+    futures.append(executor.submit(late))  # joins it for passes 4-6
+    executor.shutdown()  # the caller's thread runs the rest
+    results = [f.result(timeout=0) for f in futures]
+    assert [r.passes for r in results] == [5, 2, 3]
+    assert [r.batch_size for r in results] == [2, 2, 1]  # rows in the batch at their last pass
+    for job, result in zip([*jobs, late], results, strict=True):
+        for got, want in zip(result.memory, direct(model, job, result.passes), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_interleaved_shutdown_finishes_or_fails_the_batch_in_progress(model: HybridLM) -> None:
+    executor = interleaved(model)
+    running, queued = executor.submit_all([random_job(model, 51, passes=2), random_job(model, 52, tokens=5)])
+    executor.run_interleaved(busy=1e-9)  # the first batch starts: one slice
+    executor.shutdown(cancel_pending=True)
+    assert queued.cancelled()
+    with pytest.raises(RuntimeError, match="shut down"):
+        running.result(timeout=0)
+
+    executor = interleaved(model)
+    future = executor.submit(random_job(model, 53))
+    executor.shutdown()  # the caller's thread runs what is left
+    assert future.result(timeout=0).passes == 2
+    with pytest.raises(ValueError, match="depth policy"):
+        SleepExecutor(model, isolation="interleaved")
+    with pytest.raises(ValueError, match="share"):
+        interleaved(model, share=1.0)

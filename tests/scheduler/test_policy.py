@@ -101,12 +101,12 @@ def test_sleep_deadlines() -> None:
         sleep_deadline("soft", 5.0, 8, 100.0)
 
 
-def test_decode_rate_ema() -> None:
+def test_decode_rate_averages_seconds_per_token() -> None:
     rate = DecodeRate(initial=50.0, ema=0.5)
     assert rate.rate == 50.0
     rate.observe(10, 0.1)  # first observation replaces the guess
     assert rate.rate == pytest.approx(100.0)
-    rate.observe(20, 0.1)
-    assert rate.rate == pytest.approx(150.0)
+    rate.observe(10, 0.3)  # 30 ms a token: the mean time per token is 20 ms, not the mean rate's 12
+    assert rate.rate == pytest.approx(50.0)
     rate.observe(0, 0.0)  # ignored
-    assert rate.rate == pytest.approx(150.0)
+    assert rate.rate == pytest.approx(50.0)

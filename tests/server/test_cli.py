@@ -32,10 +32,13 @@ def test_invalid_settings_and_commands(capsys):
     assert "sleep_worker=process runs on CPU" in capsys.readouterr().err
     assert main(["serve", "--sleep-worker", "fork"]) == 2
     assert "sleep_worker" in capsys.readouterr().err
-    assert main(["serve", "--sleeper-nice", "10", "--sleep-worker", "thread"]) == 2
-    assert "sleeper_nice sets the sleeper process's priority" in capsys.readouterr().err
+    for worker in ("thread", "interleaved", "auto"):
+        assert main(["serve", "--sleeper-nice", "10", "--sleep-worker", worker]) == 2
+        assert "sleeper_nice sets the sleeper process's priority" in capsys.readouterr().err
     assert main(["serve", "--sleeper-nice", "20"]) == 2
     assert "sleeper_nice" in capsys.readouterr().err
+    assert main(["serve", "--sleep-share", "1"]) == 2
+    assert "sleep_share" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
     assert main(["--help"]) == 0

@@ -13,23 +13,25 @@ from support import SCHEDULES, tiny_model
 from model.session import generate, new_state
 from model.tokenizer import EOS, ByteTokenizer
 from scheduler.executor import SleepExecutor
+from scheduler.policy import DepthPolicy
 from server.engine import Engine, EngineRequest, Output, QueueFull, SamplingParams
 from server.metrics import Metrics
 
 TOKENIZER = ByteTokenizer()
 
 
-@pytest.fixture(params=["inline", "thread", "process"])
+@pytest.fixture(params=["inline", "thread", "process", "interleaved"])
 async def make_engine(request):
-    """Engines that sleep on the decode thread, or on the scheduler's worker, a thread or a child
-    process (the answers must agree)."""
+    """Engines that sleep on the decode thread, on the scheduler's worker (a thread or a child
+    process), or interleaved with the decode steps (the answers must agree)."""
     engines: list[Engine] = []
 
     def make(model, start: bool = True, **kwargs) -> Engine:
         metrics = Metrics()
         executor = None
         if request.param != "inline":
-            executor = SleepExecutor(model, metrics=metrics, isolation=request.param)
+            policy = DepthPolicy(1, 8) if request.param == "interleaved" else None  # paces, N stays fixed
+            executor = SleepExecutor(model, metrics=metrics, isolation=request.param, policy=policy)
         engine = Engine(model, passes=model.config.sleep_passes, metrics=metrics, executor=executor, **kwargs)
         engines.append(engine)
         if start:
