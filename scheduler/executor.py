@@ -729,8 +729,15 @@ class SleepExecutor:
                     due = self._planning_deadline(row.job.deadline)
                     row.job.passes = self.policy.choose(row.job.tokens, due, 0.0, self.max_batch)
                 row.passes_left = row.job.passes
-            memory, chunk = self._inputs([row.job for row in joining])
-            h, fast = self.model.embed(chunk), memory
+            try:
+                memory, chunk = self._inputs([row.job for row in joining])
+                embedded = self.model.embed(chunk)
+            except Exception as exc:  # a malformed job fails alone
+                self._release([row.job for row in joining])
+                self._fail([(row.job, row.future) for row in joining], exc)
+                joining = []
+        if joining:
+            h, fast = embedded, memory
             if rolling is not None:
                 h = torch.cat([rolling.h, h])
                 fast = [torch.cat([mine, theirs]) for mine, theirs in zip(rolling.fast, memory, strict=True)]

@@ -401,6 +401,16 @@ def test_interleaved_shutdown_finishes_or_fails_the_batch_in_progress(model: Hyb
     future = executor.submit(random_job(model, 53))
     executor.shutdown()  # the caller's thread runs what is left
     assert future.result(timeout=0).passes == 2
+    executor = interleaved(model)
+    bad = random_job(model, 54)
+    bad.chunk[0] = model.config.vocab_size  # no such token
+    failed = executor.submit(bad)
+    executor.wait([failed], timeout=30)
+    with pytest.raises(IndexError):
+        failed.result(timeout=0)
+    good = executor.submit(random_job(model, 55))
+    executor.shutdown()
+    assert good.result(timeout=0).passes == 2  # still serving
     with pytest.raises(ValueError, match="depth policy"):
         SleepExecutor(model, isolation="interleaved")
     with pytest.raises(ValueError, match="share"):
