@@ -659,20 +659,20 @@ class SleepExecutor:
             return None
         rolling = self._rolling
         assert rolling is not None
-        start, ended = time.perf_counter(), None
+        start, ended, failed = time.perf_counter(), None, None
         try:
             next(rolling.current)
         except StopIteration as end:
             ended = end.value
         except BaseException as exc:
-            self._rolling = None
-            self._release([row.job for row in rolling.rows])
-            self._fail([(row.job, row.future) for row in rolling.rows], exc)
-            spent = time.perf_counter() - start
-            self._slept += spent
-            return spent
+            failed = exc
         spent = time.perf_counter() - start
         self._slept += spent
+        if failed is not None:  # a failing pass fails every row, as a failing batch does
+            self._rolling = None
+            self._release([row.job for row in rolling.rows])
+            self._fail([(row.job, row.future) for row in rolling.rows], failed)
+            return spent
         rolling.done, rolling.seconds = rolling.done + 1, rolling.seconds + spent
         if ended is not None:
             self._end_pass(rolling, *ended)
