@@ -35,6 +35,7 @@ import torch
 
 from bench import sleep_overlap
 from bench.decode_scaling import machine
+from bench.models import random_model_config
 from bench.sleep_overlap import server_means, server_times, workload_arguments
 from bench.stats import spread_itl
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
@@ -78,7 +79,7 @@ def load_model(source: str, schedule: str, construction: str | None = None) -> H
         model.config = model.config.replace(schedule=schedule)
         return model
     torch.manual_seed(0)
-    return HybridLM(sleep_overlap.random_model_config(construction).replace(schedule=schedule)).eval()
+    return HybridLM(random_model_config(construction).replace(schedule=schedule)).eval()
 
 
 async def measure(model: HybridLM, settings: Settings, streams: int, tokens: int) -> dict:

@@ -18,6 +18,13 @@ def product_config(checkpoint: Path = DEFAULT_CHECKPOINT) -> ModelConfig:
     return ModelConfig.load(path) if path.is_file() else ModelConfig()
 
 
+def random_model_config(construction: str | None) -> ModelConfig:
+    """The config of the latency benchmarks' random-weight model: the shipped checkpoint's (`product_config`),
+    with `construction` when one is given."""
+    config = product_config()
+    return config.replace(lagged_construction=construction) if construction else config
+
+
 def product_model(checkpoint: Path = DEFAULT_CHECKPOINT) -> tuple[HybridLM, str]:
     """The checkpoint when it exists, else a random-weight `ModelConfig()` model (seed 0): latency and
     state size depend on the shapes, not the weights. Also returns which one it is, for the record."""

@@ -37,11 +37,12 @@ import httpx
 import torch
 
 from bench.decode_scaling import machine
-from bench.models import product_config, save_random
+from bench.models import random_model_config, save_random
 from bench.procs import http_server
 from bench.serve import RequestConfig, run_requests
 from bench.stats import summarize
-from model.config import ModelConfig
+from model.config import CONSTRUCTIONS
+from scheduler.executor import ISOLATIONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,13 +68,6 @@ def systems(
             *scheduled,
         ],
     }
-
-
-def random_model_config(construction: str | None) -> ModelConfig:
-    """The config of the benchmarks' random-weight model: the shipped checkpoint's, with `construction`
-    when one is given."""
-    config = product_config()
-    return config.replace(lagged_construction=construction) if construction else config
 
 
 def scrape(metrics: str, name: str, **labels: str) -> float:
@@ -226,13 +220,13 @@ def workload_arguments(description: str, rounds: int) -> argparse.ArgumentParser
     parser.add_argument("--sleeper-nice", type=int, default=0, help="nice value of the sleeper process")
     parser.add_argument(
         "--sleep-worker",
-        choices=["auto", "thread", "process", "interleaved"],
+        choices=["auto", *ISOLATIONS],
         default="auto",
         help="where the scheduled systems sleep (sleepserve serve --sleep-worker)",
     )
     parser.add_argument(
         "--lagged-construction",
-        choices=["re-prefill", "stale-kv"],
+        choices=CONSTRUCTIONS,
         help="of the random-weight model (default: the shipped checkpoint's; a checkpoint's own is its config's)",
     )
     return parser

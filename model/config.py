@@ -11,6 +11,8 @@ from typing import Literal
 Schedule = Literal["hard", "lagged"]
 SCHEDULES: tuple[str, ...] = ("hard", "lagged")
 LAYER_KINDS: tuple[str, ...] = ("attn", "gdn")
+Construction = Literal["re-prefill", "stale-kv"]
+CONSTRUCTIONS: tuple[str, ...] = ("re-prefill", "stale-kv")
 
 
 @dataclass
@@ -41,7 +43,7 @@ class ModelConfig:
     # sleep. "stale-kv": it keeps the keys and values of its own decoding and the fast weights restart
     # from the memory, so a boundary recomputes nothing; the completed chunk then reaches the network
     # only through the first block's attention, which needs that block to be the only attention block.
-    lagged_construction: Literal["re-prefill", "stale-kv"] = "re-prefill"
+    lagged_construction: Construction = "re-prefill"
     # Trained with chunk lengths drawn from [window // 2, window]: the server may consolidate early.
     variable_chunks: bool = False
 
@@ -53,7 +55,7 @@ class ModelConfig:
             raise ValueError(f"layers must be a non-empty list of {LAYER_KINDS}, got {self.layers}")
         if self.window < 1 or self.sleep_passes < 1:
             raise ValueError("window and sleep_passes must be positive")
-        if self.lagged_construction not in ("re-prefill", "stale-kv"):
+        if self.lagged_construction not in CONSTRUCTIONS:
             raise ValueError(f"unknown lagged_construction {self.lagged_construction!r}")
         if self.lagged_construction == "stale-kv" and (self.layers[0] != "attn" or "attn" in self.layers[1:]):
             raise ValueError(

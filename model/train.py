@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model.checkpoint import save_checkpoint
-from model.config import ModelConfig
+from model.config import CONSTRUCTIONS, ModelConfig
 from model.hybrid import HybridLM
 from model.tasks import Example, make_task
 from model.tasks.base import Task
@@ -315,7 +315,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
     parser.add_argument("--passes", type=int, help="sleep passes N")
     parser.add_argument("--schedule", choices=["hard", "lagged"])
     parser.add_argument("--variable-chunks", action="store_true", help="chunk lengths drawn from [L/2, L]")
-    parser.add_argument("--lagged-construction", choices=["re-prefill", "stale-kv"])
+    parser.add_argument("--lagged-construction", choices=CONSTRUCTIONS)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)

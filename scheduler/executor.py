@@ -41,7 +41,7 @@ from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 from torch import Tensor
@@ -55,6 +55,7 @@ from scheduler.policy import DepthPolicy
 log = logging.getLogger("sleepserve.scheduler")
 Memory = list[Tensor]  # one [B, H, K, V] tensor per gdn layer
 Isolation = Literal["thread", "process", "interleaved"]
+ISOLATIONS: tuple[str, ...] = get_args(Isolation)
 
 
 class _Gauge(Protocol):
@@ -261,9 +262,8 @@ def _serve_sleeps(conn: Connection, config: dict, weights: dict, nice: int) -> N
             conn.send(exc)
 
 
-_PACE_TARGET = (
-    0.6  # interleaved sleeps are paced to finish with 40% of the decode time to their deadline left
-)
+# Interleaved sleeps are paced to finish with 40% of the decode time to their deadline left.
+_PACE_TARGET = 0.6
 
 
 class SleepExecutor:
@@ -363,7 +363,7 @@ class SleepExecutor:
         """Queue `jobs` at once and return the futures of their results: no worker starts on the first
         before the last is queued, so equal ones run as one batch. A job without `passes` gets the
         policy's choice now (from its slack and the work queued ahead of it, the jobs before it in
-        this list included); interleaved, when its batch starts, one N for the whole batch."""
+        this list included); interleaved, when it joins the rolling batch (`_roll`)."""
         if not jobs:
             return []
         for job in jobs:
@@ -432,8 +432,8 @@ class SleepExecutor:
         (one row more) where the batch was not due before it (EDF then runs the batch at the job's
         turn)."""
         assert self.policy is not None
-        ahead, due = self._work_ahead(job.deadline), self._planning_deadline(job.deadline)
-        chosen = self.policy.choose(job.tokens, due, ahead, rows)
+        ahead = self._work_ahead(job.deadline)
+        chosen = self.policy.choose(job.tokens, job.deadline, ahead, rows)
         batches: dict[int, list[float]] = {}  # passes -> deadlines of the queued equal jobs
         for j in self._queue.snapshot():
             if j.tokens == job.tokens and j.passes is not None:
@@ -444,16 +444,14 @@ class SleepExecutor:
                 continue
             due_later = min(deadlines) > job.deadline
             own = self.policy.estimate(job.tokens, passes, room + 1) if due_later else 0.0
-            if self.clock() + ahead + own <= due:
+            if self.clock() + ahead + own <= job.deadline:
                 return passes
         return chosen
 
-    def _planning_deadline(self, deadline: float) -> float:
-        """When, on the policy's clock, the work for a job due at `deadline` must be done if it is to
-        take the time a worker gives it: all of it; interleaved, `share` of the decode thread's time,
-        which is share / (1 - share) of the decode time until the deadline (see `now`)."""
-        if not self.interleaved:
-            return deadline
+    def _share_deadline(self, deadline: float) -> float:
+        """Interleaved: when, on the policy's clock, the work for a job due at `deadline` must be done
+        to take `share` of the decode thread's time, i.e. share / (1 - share) of the decode time until
+        the deadline (see `now`)."""
         return self.clock() + self.share / (1 - self.share) * (deadline - self.now())
 
     def _work_ahead(self, deadline: float) -> float:
@@ -472,7 +470,7 @@ class SleepExecutor:
                 full, rest = divmod(count, self.max_batch)
                 total += full * self.policy.estimate(tokens, passes, self.max_batch)
                 total += self.policy.estimate(tokens, passes, rest) if rest else 0.0
-        return total / max(1, len(self._threads))  # interleaved: the decode thread alone
+        return total / len(self._threads)
 
     def _set_depth(self) -> None:
         if self.metrics is not None:
@@ -713,11 +711,15 @@ class SleepExecutor:
         tokens = rolling.tokens if rolling else None
         joining: list[_Row] = []
         with self._cond:
+            joinable: list[ConsolidationJob] = []
             for job in self._queue.snapshot():
                 tokens = tokens or job.tokens  # a new batch takes the earliest job's length
-                if job.tokens != tokens or len(rows) + len(joining) == self.max_batch:
+                if job.tokens != tokens or len(rows) + len(joinable) == self.max_batch:
                     break
-                future = self._futures.pop(self._queue.take(job).id)
+                joinable.append(job)
+            self._queue.remove(joinable)
+            for job in joinable:
+                future = self._futures.pop(job.id)
                 if future.set_running_or_notify_cancel():
                     joining.append(_Row(job, future, 0))
             self._running.update((row.job.id, row.job) for row in joining)
@@ -726,7 +728,7 @@ class SleepExecutor:
             assert self.policy is not None
             for row in joining:  # planned as passes of a full batch: others may join it and slow it
                 if row.job.passes is None:
-                    due = self._planning_deadline(row.job.deadline)
+                    due = self._share_deadline(row.job.deadline)
                     row.job.passes = self.policy.choose(row.job.tokens, due, 0.0, self.max_batch)
                 row.passes_left = row.job.passes
             try:

@@ -74,12 +74,12 @@ class JobQueue:
                 heapq.heapify(self._heap)
             return batch
 
-    def take(self, job: ConsolidationJob) -> ConsolidationJob:
-        """Remove `job` (queued) and return it."""
+    def remove(self, jobs: list[ConsolidationJob]) -> None:
+        """Remove these queued jobs."""
+        ids = {job.id for job in jobs}
         with self._lock:
-            self._heap = [entry for entry in self._heap if entry[2] is not job]
+            self._heap = [entry for entry in self._heap if entry[2].id not in ids]
             heapq.heapify(self._heap)
-        return job
 
     def cancel(self, session: str) -> list[ConsolidationJob]:
         """Remove and return the queued jobs of `session`."""

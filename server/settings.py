@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.checkpoint import DEFAULT_CHECKPOINT
+from scheduler.executor import Isolation
 
 
 class Settings(BaseSettings):
@@ -31,7 +32,7 @@ class Settings(BaseSettings):
     # thread itself between its steps ("interleaved": a slice at a time, paced to the deadlines, N
     # planned to take at most `sleep_share` of its time). "auto": interleaved on CPU (where a sleeper
     # beside the decode loop competes with it and the event loop for the cores), thread on CUDA.
-    sleep_worker: Literal["auto", "thread", "process", "interleaved"] = "auto"
+    sleep_worker: Literal["auto"] | Isolation = "auto"
     sleep_share: float = Field(0.35, gt=0, lt=1)
     # How far below the server the sleeper process runs (a nice value, 0-19): on a machine whose cores
     # the sleeper shares with the decode loop and the event loop, a high value (with the kernel's
