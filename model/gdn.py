@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from model.config import ModelConfig
 from model.gated_delta import gated_delta_chunk, gated_delta_recurrent
-from model.slices import Slices, run_to_end
 
 # Up to this many tokens per call (decode steps, short prompt pieces) the per-token recurrence is
 # cheaper than the chunk-parallel form over a padded chunk (a one-off timing on 2 CPU cores: an
@@ -61,28 +60,18 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: Tensor, fast: Tensor, conv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, T, d]; fast: [B, H, K, V]; conv: [B, channels, conv_size-1] or None (window start).
 
-        Returns y [B, T, d], the fast weights after the T tokens, and the new convolution state.
+        Returns y [B, T, d], the fast weights after the T tokens, and the new convolution state. Three
+        pieces, which a sleep pass runs as slices of its own (`HybridLM.pass_slices`).
         """
-        return run_to_end(self.slices(x, fast, conv))
+        q, k, v, g, beta, conv = self.project(x, conv)
+        o, fast = self.delta_rule(q, k, v, g, beta, fast)
+        return self.output(x, o), fast, conv
 
-    def slices(
-        self, x: Tensor, fast: Tensor, conv: Tensor | None = None
-    ) -> Slices[tuple[Tensor, Tensor, Tensor]]:
-        """`forward` in three slices, for a sleep run between decode steps: yields after the
-        projections and after the delta rule."""
-        o, fast, conv = yield from self.memory_slices(x, fast, conv)
-        yield
-        B, T, _ = x.shape
-        gate = F.silu(self.gate_proj(x)).view(B, T, self.heads, self.value_dim)
-        y = self.out((self.out_norm(o) * gate).reshape(B, T, self.heads * self.value_dim))
-        return y, fast, conv
-
-    def memory_slices(
-        self, x: Tensor, fast: Tensor, conv: Tensor | None = None
-    ) -> Slices[tuple[Tensor, Tensor, Tensor]]:
-        """The part of `slices` that the fast weights need: the projections, a yield, the delta rule.
-        Returns its output o [B, T, H, V] (before the gate and the output projection), the fast
-        weights after the T tokens and the new convolution state."""
+    def project(
+        self, x: Tensor, conv: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The delta rule's inputs from x [B, T, d]: q, k [B, T, H, K] (L2-normalised), v [B, T, H, V],
+        g (log α) and β [B, T, H], and the new convolution state."""
         B, T, _ = x.shape
         H, K, V = self.heads, self.key_dim, self.value_dim
         if conv is None:
@@ -96,12 +85,22 @@ class GatedDeltaNet(nn.Module):
         q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
         q = F.normalize(q.view(B, T, H, K), dim=-1)
         k = F.normalize(k.view(B, T, H, K), dim=-1)
-        v = v.view(B, T, H, V)
         g = -self.A_log.exp() * F.softplus(self.decay_proj(x) + self.dt_bias)  # [B, T, H] log α
         beta = torch.sigmoid(self.beta_proj(x))  # [B, T, H]
-        yield
-        if T <= RECURRENT_TOKENS:  # a few tokens: the recurrence is fewer ops than one padded chunk
-            o, fast = gated_delta_recurrent(q, k, v, g, beta, fast)
-        else:
-            o, fast = gated_delta_chunk(q, k, v, g, beta, fast, self.chunk_size)
-        return o, fast, mixed[..., mixed.shape[-1] - conv.shape[-1] :]
+        return q, k, v.view(B, T, H, V), g, beta, mixed[..., mixed.shape[-1] - conv.shape[-1] :]
+
+    def delta_rule(
+        self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, fast: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The gated delta rule over `project`'s outputs from the fast weights [B, H, K, V]: its output o
+        [B, T, H, V] and the fast weights after the T tokens."""
+        if q.shape[1] <= RECURRENT_TOKENS:  # a few tokens: the recurrence is fewer ops than one chunk
+            return gated_delta_recurrent(q, k, v, g, beta, fast)
+        return gated_delta_chunk(q, k, v, g, beta, fast, self.chunk_size)
+
+    def output(self, x: Tensor, o: Tensor) -> Tensor:
+        """y [B, T, d] from the delta rule's output o [B, T, H, V]: normed, gated by SiLU(g_proj(x)) and
+        projected back."""
+        B, T, _ = x.shape
+        gate = F.silu(self.gate_proj(x)).view(B, T, self.heads, self.value_dim)
+        return self.out((self.out_norm(o) * gate).reshape(B, T, self.heads * self.value_dim))

@@ -93,7 +93,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)).
+
+    `attend` (an attention block's mixer) and `feed_forward` are pieces of a pass that a sleep runs
+    as slices of its own (`HybridLM.pass_slices`), as are a gdn mixer's (`GatedDeltaNet.forward`)."""
 
     def __init__(self, config: ModelConfig, kind: str) -> None:
         super().__init__()
@@ -102,6 +105,14 @@ class Block(nn.Module):
         self.mixer = WindowAttention(config) if kind == "attn" else GatedDeltaNet(config)
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = MLP(config)
+
+    def attend(self, h: Tensor, stale: int = 0) -> Tensor:
+        """h [B, T, d] + attention over the window; of the last T - stale positions only."""
+        y, _, _ = self.mixer(self.mixer_norm(h))
+        return h[:, stale:] + y[:, stale:]
+
+    def feed_forward(self, h: Tensor) -> Tensor:
+        return h + self.mlp(self.mlp_norm(h))
 
 
 class HybridLM(nn.Module):
@@ -172,28 +183,27 @@ class HybridLM(nn.Module):
     def pass_slices(
         self, h: Tensor, fast: Memory, stale: int = 0, memory_only: bool = False
     ) -> Slices[tuple[Tensor, Memory]]:
-        """`run_blocks` a slice at a time: yields after each mixer, inside the gdn mixers
-        (`GatedDeltaNet.slices`) and after each MLP; returns (h, fast). `memory_only`: only the fast
-        weights are wanted (a sleep's last pass), so it returns at the last gdn block's delta rule,
-        leaving out what feeds nothing but h."""
+        """`run_blocks` a slice at a time: yields after each mixer, inside the gdn mixers (after their
+        inputs and after the delta rule) and after each MLP; returns (h, fast).
+        `memory_only`: only the fast weights are wanted (a sleep's last pass), so it returns at the last
+        gdn block's delta rule, leaving out what feeds nothing but h."""
         last_gdn = max((i for i, b in enumerate(self.blocks) if b.kind == "gdn"), default=-1)
         fast_in, fast_out = iter(fast), []
         for i, block in enumerate(self.blocks):
-            x = block.mixer_norm(h)
             if block.kind == "attn":
-                y, _, _ = block.mixer(x)
-                if stale and i == 0:
-                    h, y = h[:, stale:], y[:, stale:]
-            elif memory_only and i == last_gdn:
-                _, new_fast, _ = yield from block.mixer.memory_slices(x, next(fast_in))
-                fast_out.append(new_fast)
-                return h, fast_out
+                h = block.attend(h, stale if i == 0 else 0)
             else:
-                y, new_fast, _ = yield from block.mixer.slices(x, next(fast_in))
+                x = block.mixer_norm(h)
+                q, k, v, g, beta, _ = block.mixer.project(x)
+                yield
+                o, new_fast = block.mixer.delta_rule(q, k, v, g, beta, next(fast_in))
                 fast_out.append(new_fast)
-            h = h + y
+                if memory_only and i == last_gdn:
+                    return h, fast_out
+                yield
+                h = h + block.mixer.output(x, o)
             yield
-            h = h + block.mlp(block.mlp_norm(h))
+            h = block.feed_forward(h)
             yield
         return h, fast_out
 
@@ -287,5 +297,5 @@ class HybridLM(nn.Module):
             layers.append(layer_cache)
             h = h + y
             if last_mlp or len(layers) < len(self.blocks):
-                h = h + block.mlp(block.mlp_norm(h))
+                h = block.feed_forward(h)
         return h, WindowCache(layers, cache.lengths + tokens.shape[1])
