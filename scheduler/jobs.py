@@ -81,6 +81,15 @@ class JobQueue:
             self._heap = [entry for entry in self._heap if entry[2].id not in ids]
             heapq.heapify(self._heap)
 
+    def reschedule(self, job: ConsolidationJob) -> None:
+        """Put `job` back in EDF order after its deadline changed (nothing if it is not queued)."""
+        with self._lock:
+            for i, (_, order, queued) in enumerate(self._heap):
+                if queued.id == job.id:
+                    self._heap[i] = (job.deadline, order, queued)
+                    heapq.heapify(self._heap)
+                    return
+
     def cancel(self, session: str) -> list[ConsolidationJob]:
         """Remove and return the queued jobs of `session`."""
         with self._lock:

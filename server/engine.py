@@ -162,12 +162,11 @@ class Sequence:
     generator: torch.Generator | None = None
     decoder: StreamDecoder = field(default_factory=StreamDecoder)
     last_token_at: float = 0.0
-    decoded_at: float = 0.0  # the same instant on the clock sleep deadlines are set on (`_decode_clock`)
     # Background sleep (with an executor): the pending consolidation of the tail's first chunk, and
     # since when the sequence has been waiting at a boundary for it.
     sleep: concurrent.futures.Future[SleepResult] | None = None
+    sleep_job: ConsolidationJob | None = None  # the job of `sleep`
     blocked_since: float | None = None
-    rate: DecodeRate = field(default_factory=lambda: DecodeRate(initial=50.0))
 
     @property
     def state(self) -> SessionState:
@@ -223,6 +222,10 @@ class Engine:
         self._rows: list[Sequence] = []  # the decode batch, row by row
         self._cache: WindowCache | None = None  # the batch's stacked windows
         self.max_batch = 0  # largest decode batch so far
+        # Lagged deadlines convert tokens to time at this rate, measured on `_decode_clock` from one
+        # decode step to the next (`_last_decode`: the last one, None after a step that decoded none).
+        self._rate = DecodeRate(initial=50.0, window=model.config.window)
+        self._last_decode: float | None = None
         self._aborted: set[Sequence] = set()
         self._wake = threading.Condition()
         self._accepting = True
@@ -385,10 +388,15 @@ class Engine:
         members = [s for s in self.running if s.pending and not s.to_feed and s.blocked_since is None]
         self._regroup(members)
         if not self._rows:
+            self._last_decode = None
             return 0
         rows = list(self._rows)
         tokens = torch.tensor([[seq.pending[0]] for seq in rows], device=self.model.device)
         logits, self._cache = self.model.extend(tokens, self._cache)
+        decoded = self._decode_clock()
+        if self._last_decode is not None:
+            self._rate.observe(decoded - self._last_decode)
+        self._last_decode = decoded
         self.max_batch = max(self.max_batch, len(rows))
         self.metrics.decode_batch_size.observe(len(rows))
         at_boundary = []
@@ -474,8 +482,10 @@ class Engine:
             assert seq.sleep is not None
             if seq.sleep.done():
                 ready.append(seq)
-            else:  # the sleep is not done: this sequence (alone) waits for it
+            else:  # the sleep is not done: this sequence (alone) waits for it, from now on
                 seq.blocked_since = time.monotonic()
+                assert seq.sleep_job is not None
+                self.executor.expedite(seq.sleep_job)
         self._cross(ready)
 
     def _consolidate_inline(self, seq: Sequence) -> None:
@@ -503,12 +513,14 @@ class Engine:
         for seq in seqs:
             state = seq.state
             n_tokens = state.prev_len if model.config.schedule == "lagged" else len(state.tail)
-            deadline = sleep_deadline(model.config.schedule, now, room_in_chunk(model, state), seq.rate.rate)
+            deadline = sleep_deadline(
+                model.config.schedule, now, room_in_chunk(model, state), self._rate.rate
+            )
             jobs.append(
                 ConsolidationJob(seq.id, state.tail[:n_tokens], list(state.memory), self.passes, deadline)
             )
-        for seq, future in zip(seqs, self.executor.submit_all(jobs), strict=True):
-            seq.sleep = future
+        for seq, job, future in zip(seqs, jobs, self.executor.submit_all(jobs), strict=True):
+            seq.sleep, seq.sleep_job = future, job
 
     def _collect_sleeps(self) -> None:
         """Let the sequences that wait at a boundary for their sleep go on once it is done."""
@@ -539,7 +551,7 @@ class Engine:
         assert self.executor is not None
         for seq in seqs:
             assert seq.sleep is not None
-            result, seq.sleep = self.executor.result(seq.sleep), None
+            result, seq.sleep, seq.sleep_job = self.executor.result(seq.sleep), None, None
             state = seq.state
             n_tokens = state.prev_len if lagged else len(state.tail)
             apply_sleep(state, result.memory, n_tokens, result.passes, result.seconds)
@@ -585,7 +597,7 @@ class Engine:
 
     def _decode_clock(self) -> float:
         """The clock sleep deadlines are set on (`SleepExecutor.now`: with interleaved sleep it leaves
-        out the decode thread's sleeping, so a session's rate and deadlines count its decoding only)."""
+        out the decode thread's sleeping, so that the decode rate and deadlines count decoding only)."""
         return self.executor.now() if self.executor is not None else time.monotonic()
 
     def _count_sleep(self, seq: Sequence, tokens: int, passes: int, seconds: float) -> None:
@@ -604,13 +616,12 @@ class Engine:
         """Sample the next token after `seq.logits`, emit its text, and decide whether the request ends."""
         params = seq.request.params
         token = sample(seq.logits, params, seq.generator)
-        now, decoded = time.monotonic(), self._decode_clock()
+        now = time.monotonic()
         if seq.generated:
             self.metrics.inter_token_latency.observe(now - seq.last_token_at)
-            seq.rate.observe(1, decoded - seq.decoded_at)
         else:
             self.metrics.time_to_first_token.observe(now - seq.request.arrival)
-        seq.last_token_at, seq.decoded_at = now, decoded
+        seq.last_token_at = now
         seq.generated.append(token)
         seq.stats.completion_tokens += 1
         self.metrics.generation_tokens.inc()
@@ -654,7 +665,7 @@ class Engine:
         if seq.sleep is not None:  # the stored state does not need it: the next request sleeps anew
             assert self.executor is not None
             self.executor.cancel_session(seq.id)
-            seq.sleep = None
+            seq.sleep = seq.sleep_job = None
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

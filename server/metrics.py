@@ -77,7 +77,9 @@ class Metrics:
         self.sleep_passes = consolidation.sleep_passes
         self.sleep_tokens = consolidation.sleep_tokens
         self.sleep_deadline_misses = Counter(
-            p + "sleep_deadline_misses", "Consolidations that finished after their deadline.", registry=r
+            p + "sleep_deadline_misses",
+            "Consolidations that finished after their deadline, or once their session waited for them.",
+            registry=r,
         )
         self.decode_stall = Histogram(
             p + "decode_stall_seconds",

@@ -8,13 +8,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import openai
 import pytest
 import redis
+
+if TYPE_CHECKING:
+    from model.hybrid import HybridLM
 
 REDIS_MISSING = (
     "redis-server is not on PATH: the Redis tests need a real server. Run `make test` (it installs "
@@ -212,3 +217,19 @@ class ServerProcess:
 
     def session(self, session_id: str) -> dict:
         return httpx.get(f"{self.url}/v1/sessions/{session_id}").json()
+
+
+class GatedModel:
+    """Wraps a model so that its first sleep waits for `release` (to let jobs pile up behind it)."""
+
+    def __init__(self, model: HybridLM) -> None:
+        self.model, self.device = model, model.device
+        self.started, self.release = threading.Event(), threading.Event()
+        self.batches: list[int] = []
+
+    def sleep(self, memory, chunk, passes):
+        self.batches.append(chunk.shape[0])
+        if len(self.batches) == 1:
+            self.started.set()
+            self.release.wait(10)
+        return self.model.sleep(memory, chunk, passes)

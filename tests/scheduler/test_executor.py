@@ -5,13 +5,13 @@ import os
 import platform
 import re
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from support import GatedModel
 
 from model.hybrid import HybridLM
 from scheduler.executor import SleepExecutor
@@ -32,22 +32,6 @@ def direct(model: HybridLM, job: ConsolidationJob, passes: int) -> list[torch.Te
     with torch.no_grad():
         out = model.sleep([m[None] for m in job.memory], torch.tensor([job.chunk]), passes)
     return [m[0] for m in out]
-
-
-class GatedModel:
-    """Wraps a model so that its first sleep waits for `release` (to let jobs pile up behind it)."""
-
-    def __init__(self, model: HybridLM) -> None:
-        self.model, self.device = model, model.device
-        self.started, self.release = threading.Event(), threading.Event()
-        self.batches: list[int] = []
-
-    def sleep(self, memory, chunk, passes):
-        self.batches.append(chunk.shape[0])
-        if len(self.batches) == 1:
-            self.started.set()
-            self.release.wait(10)
-        return self.model.sleep(memory, chunk, passes)
 
 
 def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
@@ -415,3 +399,58 @@ def test_interleaved_shutdown_finishes_or_fails_the_batch_in_progress(model: Hyb
         SleepExecutor(model, isolation="interleaved")
     with pytest.raises(ValueError, match="share"):
         interleaved(model, share=1.0)
+
+
+def test_an_expedited_job_runs_first_and_counts_a_missed_deadline(model: HybridLM) -> None:
+    """A session waiting at its boundary for its sleep expedites it: the job is due now, so it runs
+    ahead of a job due earlier, and its result counts a missed deadline (it was needed sooner than
+    planned); the other job's does not."""
+    metrics = Metrics()
+    executor = interleaved(model, metrics=metrics)
+    try:
+        earlier = random_job(model, 81, tokens=8, deadline=time.monotonic() + 10.0)
+        waited_for = random_job(model, 82, tokens=5, deadline=time.monotonic() + 20.0)
+        first, second = executor.submit_all([earlier, waited_for])
+        executor.expedite(waited_for)
+        executor.wait([second], timeout=30)
+        assert second.done() and not (first.running() or first.done())  # the other has not started
+        executor.wait([first], timeout=30)
+    finally:
+        executor.shutdown()
+    assert second.result().deadline_missed and not first.result().deadline_missed
+    assert sample(metrics, "sleepserve_sleep_deadline_misses_total") == 1
+
+
+def test_interleaved_holds_a_new_batch_briefly_for_equal_jobs(model: HybridLM) -> None:
+    """With `batch_wait`, the decode thread's turn does not start a batch for a lone job with slack:
+    sessions crossing their boundaries a few steps apart then sleep their passes together. A full
+    batch, a job due now, a hold that ran out, or a caller that waits for a result start it at once."""
+    executor = interleaved(model, max_batch=3, batch_wait=0.3)
+    try:
+        held = executor.submit(random_job(model, 91))
+        executor.run_interleaved(busy=0.01)
+        assert not held.running()
+        joined = executor.submit_all([random_job(model, seed) for seed in (92, 93)])
+        executor.run_interleaved(busy=0.01)  # full: it starts
+        assert held.running()
+        executor.wait(joined, timeout=30)
+        assert [f.result(timeout=30).batch_size for f in (held, *joined)] == [3, 3, 3]
+
+        due_now = executor.submit(random_job(model, 94, deadline=time.monotonic()))
+        executor.run_interleaved(busy=0.01)
+        assert due_now.running() or due_now.done()  # it started (due now: perhaps finished too)
+        executor.wait([due_now], timeout=30)
+
+        alone = executor.submit(random_job(model, 95))
+        executor.run_interleaved(busy=0.01)
+        assert not alone.running()
+        time.sleep(0.35)
+        executor.run_interleaved(busy=0.01)
+        assert alone.running()  # the hold ran out
+        executor.wait([alone], timeout=30)
+        assert alone.result(timeout=0).batch_size == 1
+
+        waited = executor.submit(random_job(model, 96))
+        assert executor.result(waited).passes == 2  # no hold for a caller that waits
+    finally:
+        executor.shutdown()

@@ -47,3 +47,15 @@ def test_cancel_by_session() -> None:
     assert [j.session for j in queue.snapshot()] == ["b"]
     assert [j.session for j in queue.clear()] == ["b"]
     assert len(queue) == 0
+
+
+def test_reschedule_moves_a_job_whose_deadline_changed() -> None:
+    queue = JobQueue()
+    first, second, third = job("a", 1.0), job("b", 2.0), job("c", 3.0)
+    for j in (first, second, third):
+        queue.push(j)
+    third.deadline = 0.5
+    queue.reschedule(third)
+    queue.reschedule(job("not queued", 0.1))  # nothing happens
+    assert [j.session for j in queue.snapshot()] == ["c", "a", "b"]
+    assert queue.pop_batch(1) == [third]

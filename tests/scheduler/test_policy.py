@@ -101,12 +101,20 @@ def test_sleep_deadlines() -> None:
         sleep_deadline("soft", 5.0, 8, 100.0)
 
 
-def test_decode_rate_averages_seconds_per_token() -> None:
-    rate = DecodeRate(initial=50.0, ema=0.5)
+def test_decode_rate_is_the_median_step_once_a_window_is_observed_the_fastest_before() -> None:
+    """A lagged deadline must not come late: a young estimate takes the shortest interval seen, a full
+    window its median, which a few slow steps (boundaries) do not move, as they would a mean."""
+    rate = DecodeRate(initial=50.0, window=5)
     assert rate.rate == 50.0
-    rate.observe(10, 0.1)  # first observation replaces the guess
-    assert rate.rate == pytest.approx(100.0)
-    rate.observe(10, 0.3)  # 30 ms a token: the mean time per token is 20 ms, not the mean rate's 12
-    assert rate.rate == pytest.approx(50.0)
-    rate.observe(0, 0.0)  # ignored
-    assert rate.rate == pytest.approx(50.0)
+    rate.observe(0.004)
+    rate.observe(0.002)
+    rate.observe(0.0)  # ignored: no time passed
+    assert rate.rate == pytest.approx(500.0)  # young: the fastest step
+    for seconds in (0.010, 0.002, 0.003):
+        rate.observe(seconds)
+    assert rate.rate == pytest.approx(1 / 0.003)  # median of 4, 2, 10, 2, 3 ms (the mean, 4.2 ms, is late)
+    for _ in range(5):
+        rate.observe(0.008)  # the window moves on
+    assert rate.rate == pytest.approx(125.0)
+    with pytest.raises(ValueError):
+        DecodeRate(initial=50.0, window=0)

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
-from support import SCHEDULES, tiny_model
+from support import SCHEDULES, GatedModel, tiny_model
 
 from model.session import generate, new_state
 from model.tokenizer import EOS, ByteTokenizer
 from scheduler.executor import SleepExecutor
-from scheduler.policy import DepthPolicy
+from scheduler.policy import DecodeRate, DepthPolicy
 from server.engine import Engine, EngineRequest, Output, QueueFull, SamplingParams
 from server.metrics import Metrics
 
@@ -274,3 +274,31 @@ async def test_sessions_joining_and_leaving_the_batch(make_engine, schedule):
         for mine, theirs in zip(state.memory, ref.memory, strict=True):
             torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
     assert engine.max_batch >= 2
+
+
+async def test_a_session_that_waits_for_its_sleep_counts_a_missed_deadline(monkeypatch):
+    """Lagged, a sleep still running when its session reaches the next boundary was due then, however
+    late its planned deadline: the session waits for it (a decode stall), the job is expedited and
+    counts a missed deadline, and the answer is the reference's all the same."""
+    monkeypatch.setattr(DecodeRate, "rate", property(lambda self: 1e-3))  # deadlines hours away
+    model = tiny_model("lagged")
+    metrics = Metrics()
+    gated = GatedModel(model)
+    executor = SleepExecutor(gated, metrics=metrics, isolation="thread")
+    engine = Engine(model, passes=model.config.sleep_passes, metrics=metrics, executor=executor)
+    engine.start()
+    try:
+        prompt = TOKENIZER.encode("wait:")
+        handle = engine.submit(EngineRequest(new_state(model), prompt, greedy(40, stop_tokens=frozenset())))
+        task = asyncio.create_task(collect(handle))
+        while not gated.started.is_set():  # the first sleep runs, and holds, from the first boundary
+            await asyncio.sleep(0.01)
+        while metrics.decode_stall._sum.get() == 0 and not any(s.blocked_since for s in engine.running):
+            await asyncio.sleep(0.01)  # until the session waits at the second boundary
+        gated.release.set()
+        text, _ = await task
+    finally:
+        gated.release.set()
+        await engine.shutdown(grace=0)
+    assert text == reference(model, "wait:", 40)
+    assert metrics.sleep_deadline_misses._value.get() >= 1
