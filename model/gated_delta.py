@@ -43,8 +43,11 @@ def gated_delta_recurrent(
 
 @functools.cache
 def _above_diagonal(size: int, device: torch.device) -> Tensor:
-    """[size, size] True strictly above the diagonal (built once per size and device)."""
-    return torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
+    """[size, size] True strictly above the diagonal (built once per size and device). Never an
+    inference tensor, which autograd could not use: the first call may come from a server's decode
+    thread (inference mode) and a later one from training in the same process."""
+    with torch.inference_mode(False):
+        return torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
 
 
 def gated_delta_chunk(

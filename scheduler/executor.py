@@ -669,7 +669,8 @@ class SleepExecutor:
         assert rolling is not None
         start, ended, failed = time.perf_counter(), None, None
         try:
-            next(rolling.current)
+            with torch.no_grad():  # as the thread sleeper's; on the engine's thread, inference mode too
+                next(rolling.current)
         except StopIteration as end:
             ended = end.value
         except BaseException as exc:
@@ -765,7 +766,8 @@ class SleepExecutor:
                 row.passes_left = row.job.passes
             try:
                 memory, chunk = self._inputs([row.job for row in joining])
-                embedded = self.model.embed(chunk)
+                with torch.no_grad():
+                    embedded = self.model.embed(chunk)
             except Exception as exc:  # a malformed job fails alone
                 self._release([row.job for row in joining])
                 self._fail([(row.job, row.future) for row in joining], exc)

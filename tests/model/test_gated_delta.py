@@ -59,3 +59,16 @@ def test_chunk_backward_matches_recurrent():
         grads.append([x.grad for x in leaves])
     for g_rec, g_chunk in zip(*grads, strict=True):
         assert rel_err(g_chunk, g_rec) < 1e-4
+
+
+def test_chunk_backward_after_an_inference_mode_call():
+    """The chunk form's cached causal mask is shared by every later call of its size: made first in
+    inference mode (a server's decode thread), it must still serve a call under autograd (training in
+    the same process)."""
+    inputs = random_inputs(1, 13, 2, 8, 8, seed=4)  # 13: a chunk size no other test uses
+    with torch.inference_mode():
+        gated_delta_chunk(*inputs, chunk_size=32)
+    leaves = [x.clone().requires_grad_(True) for x in inputs]
+    o, s = gated_delta_chunk(*leaves, chunk_size=32)
+    (o.square().sum() + s.square().sum()).backward()
+    assert all(x.grad is not None for x in leaves)

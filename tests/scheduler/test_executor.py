@@ -436,7 +436,7 @@ def test_interleaved_holds_a_new_batch_briefly_for_equal_jobs(model: HybridLM) -
         executor.wait(joined, timeout=30)
         assert [f.result(timeout=30).batch_size for f in (held, *joined)] == [3, 3, 3]
 
-        due_now = executor.submit(random_job(model, 94, deadline=time.monotonic()))
+        due_now = executor.submit(random_job(model, 94, deadline=executor.now()))  # its clock
         executor.run_interleaved(busy=0.01)
         assert due_now.running() or due_now.done()  # it started (due now: perhaps finished too)
         executor.wait([due_now], timeout=30)
