@@ -277,7 +277,8 @@ class SleepExecutor:
     `batch_wait`: how long (seconds, of the real clock) a worker may hold the earliest job back for
     equal jobs to join its batch, as when sessions cross their boundaries a few steps apart; only while
     the job can still finish by its deadline (so never a job due now), and no longer once the batch is
-    full. (Interleaved, jobs join the rolling batch between passes instead.)
+    full. (Interleaved, it holds back a new rolling batch only, and only while its work fits in
+    `share` of the time to the deadline: `_holding`; later jobs join the batch between passes.)
     """
 
     def __init__(
