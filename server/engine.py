@@ -484,8 +484,11 @@ class Engine:
                 ready.append(seq)
             else:  # the sleep is not done: this sequence (alone) waits for it, from now on
                 seq.blocked_since = time.monotonic()
-                assert seq.sleep_job is not None
-                self.executor.expedite(seq.sleep_job)
+                # A decode stall: the sleep was due now, a missed deadline. (A prompt's boundaries
+                # come a piece per step, faster than a deadline at the decode rate: not counted.)
+                if seq.generated:
+                    assert seq.sleep_job is not None
+                    self.executor.expedite(seq.sleep_job)
         self._cross(ready)
 
     def _consolidate_inline(self, seq: Sequence) -> None:

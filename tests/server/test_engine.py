@@ -276,10 +276,13 @@ async def test_sessions_joining_and_leaving_the_batch(make_engine, schedule):
     assert engine.max_batch >= 2
 
 
-async def test_a_session_that_waits_for_its_sleep_counts_a_missed_deadline(monkeypatch):
-    """Lagged, a sleep still running when its session reaches the next boundary was due then, however
-    late its planned deadline: the session waits for it (a decode stall), the job is expedited and
-    counts a missed deadline, and the answer is the reference's all the same."""
+@pytest.mark.parametrize("prompt, counted", [("wait:", True), ("a prompt across windows", False)])
+async def test_a_session_that_waits_for_its_sleep_counts_a_missed_deadline(monkeypatch, prompt, counted):
+    """Lagged, a sleep still running when its session reaches the next boundary while decoding was due
+    then, however late its planned deadline: the session waits for it (a decode stall), the job is
+    expedited and counts a missed deadline, and the answer is the reference's all the same. A prompt's
+    boundaries come a piece per step, faster than any deadline at the decode rate: a wait there is
+    neither a decode stall nor a miss."""
     monkeypatch.setattr(DecodeRate, "rate", property(lambda self: 1e-3))  # deadlines hours away
     model = tiny_model("lagged")
     metrics = Metrics()
@@ -287,9 +290,12 @@ async def test_a_session_that_waits_for_its_sleep_counts_a_missed_deadline(monke
     executor = SleepExecutor(gated, metrics=metrics, isolation="thread")
     engine = Engine(model, passes=model.config.sleep_passes, metrics=metrics, executor=executor)
     engine.start()
+    tokens = TOKENIZER.encode(prompt)  # "wait:" fits in the first window (8), the other spans three
+    max_tokens = 40 if counted else 2
     try:
-        prompt = TOKENIZER.encode("wait:")
-        handle = engine.submit(EngineRequest(new_state(model), prompt, greedy(40, stop_tokens=frozenset())))
+        handle = engine.submit(
+            EngineRequest(new_state(model), tokens, greedy(max_tokens, stop_tokens=frozenset()))
+        )
         task = asyncio.create_task(collect(handle))
         # The first sleep starts at the first boundary and holds; the session then waits at the second.
         for _ in range(1000):
@@ -302,6 +308,7 @@ async def test_a_session_that_waits_for_its_sleep_counts_a_missed_deadline(monke
     finally:
         gated.release.set()
         await engine.shutdown(grace=0)
-    out, _ = generate(model, new_state(model), prompt, 40)
+    out, _ = generate(model, new_state(model), tokens, max_tokens)
     assert text == TOKENIZER.decode(out)
-    assert metrics.sleep_deadline_misses._value.get() >= 1
+    assert (metrics.sleep_deadline_misses._value.get() >= 1) is counted
+    assert (metrics.decode_stall._sum.get() > 0) is counted
