@@ -519,13 +519,26 @@ class SleepExecutor:
             queued = self._queue.snapshot()
             if not queued:  # cancelled meanwhile
                 return
-            first = queued[0]
-            equal = sum(j.shape == first.shape for j in queued)
-            cost = self.policy.estimate(first.tokens, first.passes or 1, equal) if self.policy else 0.0
-            left = min(self.batch_wait - (time.monotonic() - started), first.deadline - self.clock() - cost)
-            if left <= 0 or equal >= self.max_batch:
+            left = self._hold_left(queued, started)
+            if left <= 0:
                 return
             self._cond.wait(left)
+
+    def _hold_left(self, queued: list[ConsolidationJob], since: float) -> float:
+        """Seconds the earliest of `queued` (EDF order) may still wait, `since` it began to, for equal
+        jobs to join its batch (at most 0: start it now): up to `batch_wait`, until the batch is full,
+        and only while its work, with theirs, still fits before its deadline (interleaved: in `share`
+        of the decode time to it), so never for a job due now. Equal: of the same shape for a worker's
+        batched sleep, of the same chunk length for the rolling batch (its rows differ in passes)."""
+        first = queued[0]
+        key = (lambda job: job.tokens) if self.interleaved else (lambda job: job.shape)
+        equal = sum(key(job) == key(first) for job in queued)
+        if equal >= self.max_batch:
+            return 0.0
+        passes = first.passes or (self.policy.min_passes if self.policy else 1)
+        cost = self.policy.estimate(first.tokens, passes, equal) if self.policy else 0.0
+        due = self._share_deadline(first.deadline) if self.interleaved else first.deadline
+        return min(self.batch_wait - (time.monotonic() - since), due - self.clock() - cost)
 
     def _run(
         self,
@@ -716,24 +729,13 @@ class SleepExecutor:
         self._roll()
 
     def _holding(self) -> bool:
-        """Interleaved, before a new rolling batch: whether its earliest job waits for equal ones, as
-        when sessions cross their boundaries a few steps apart. Rows that join a batch a pass late
-        take one pass more of it than the others (measured on 8 streams crossing together: 4-5 passes
-        run for sleeps of 3), where rows that wait run every pass together. It waits while fewer than
-        `max_batch` equal jobs are queued, for up to `batch_wait` seconds, and only while its work,
-        with theirs, still fits in `share` of the decode time to its deadline (so never a job due
-        now)."""
-        assert self.policy is not None
-        queued = self._queue.snapshot() if len(self._queue) else []
-        if not queued or not self.batch_wait:
-            return False
-        first = queued[0]
-        equal = sum(job.tokens == first.tokens for job in queued)
-        if equal >= self.max_batch or time.monotonic() - first.enqueued >= self.batch_wait:
-            return False
-        passes = first.passes or self.policy.min_passes
-        work = self.policy.estimate(first.tokens, passes, equal, margin=False)
-        return self._share_deadline(first.deadline) - self.clock() > work
+        """Interleaved, before a new rolling batch: whether its earliest job waits for equal ones
+        (`_hold_left`, since it was queued), as when sessions cross their boundaries a few steps apart.
+        Rows that join a batch a pass late take one pass more of it than the others (measured on 8
+        streams crossing together: 4-5 passes run for sleeps of 3); rows that wait run every pass
+        together."""
+        queued = self._queue.snapshot() if self.batch_wait and len(self._queue) else []
+        return bool(queued) and self._hold_left(queued, queued[0].enqueued) > 0
 
     def _roll(self) -> bool:
         """Between passes: add the queued jobs that may join (the earliest ones of the batch's chunk

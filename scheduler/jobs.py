@@ -6,6 +6,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -77,9 +78,7 @@ class JobQueue:
     def remove(self, jobs: list[ConsolidationJob]) -> None:
         """Remove these queued jobs."""
         ids = {job.id for job in jobs}
-        with self._lock:
-            self._heap = [entry for entry in self._heap if entry[2].id not in ids]
-            heapq.heapify(self._heap)
+        self._take(lambda job: job.id in ids)
 
     def reschedule(self, job: ConsolidationJob) -> None:
         """Put `job` back in EDF order after its deadline changed (nothing if it is not queued)."""
@@ -92,12 +91,16 @@ class JobQueue:
 
     def cancel(self, session: str) -> list[ConsolidationJob]:
         """Remove and return the queued jobs of `session`."""
+        return self._take(lambda job: job.session == session)
+
+    def _take(self, match: Callable[[ConsolidationJob], bool]) -> list[ConsolidationJob]:
+        """Remove and return the queued jobs that `match`."""
         with self._lock:
-            removed = [entry[2] for entry in self._heap if entry[2].session == session]
-            if removed:
-                self._heap = [entry for entry in self._heap if entry[2].session != session]
+            taken = [entry[2] for entry in self._heap if match(entry[2])]
+            if taken:
+                self._heap = [entry for entry in self._heap if not match(entry[2])]
                 heapq.heapify(self._heap)
-            return removed
+            return taken
 
     def clear(self) -> list[ConsolidationJob]:
         """Remove and return every queued job (EDF order)."""
