@@ -73,8 +73,8 @@ def gated_delta_chunk(
         g, beta = (F.pad(x, (0, 0, 0, pad)) for x in (g, beta))
     n = (T + pad) // C
 
-    def chunked(x: Tensor) -> Tensor:  # [B, T, H, ...] -> [B, H, n, C, ...]
-        return x.reshape(B, n, C, H, *x.shape[3:]).transpose(1, 3).transpose(2, 3)
+    def chunked(x: Tensor) -> Tensor:  # [B, T, H, ...] -> [B, H, n, C, ...], contiguous: every matmul
+        return x.reshape(B, n, C, H, *x.shape[3:]).movedim(3, 1).contiguous()  # would copy it again
 
     q = chunked(q) * K**-0.5  # [B, H, n, C, K]
     k, v = chunked(k), chunked(v)  # [B, H, n, C, K], [B, H, n, C, V]

@@ -61,7 +61,7 @@ class GatedDeltaNet(nn.Module):
         """x: [B, T, d]; fast: [B, H, K, V]; conv: [B, channels, conv_size-1] or None (window start).
 
         Returns y [B, T, d], the fast weights after the T tokens, and the new convolution state. Three
-        pieces, which a sleep pass runs as slices of its own (`HybridLM.pass_slices`).
+        pieces, which a sleep pass runs between pauses (`HybridLM.pass_slices`).
         """
         q, k, v, g, beta, conv = self.project(x, conv)
         o, fast = self.delta_rule(q, k, v, g, beta, fast)

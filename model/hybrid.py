@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.attention import KVCache, WindowAttention, rotary
@@ -96,7 +97,7 @@ class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)).
 
     `attend` (an attention block's mixer) and `feed_forward` are pieces of a pass that a sleep runs
-    as slices of its own (`HybridLM.pass_slices`), as are a gdn mixer's (`GatedDeltaNet.forward`)."""
+    between pauses (`HybridLM.pass_slices`), as are a gdn mixer's (`GatedDeltaNet.forward`)."""
 
     def __init__(self, config: ModelConfig, kind: str) -> None:
         super().__init__()
@@ -168,13 +169,14 @@ class HybridLM(nn.Module):
         return run_to_end(self.pass_slices(h, fast, stale))
 
     def pass_slice_count(self, memory_only: bool = False) -> int:
-        """How many times `pass_slices` yields: after each mixer and each MLP and twice inside each gdn
-        mixer; `memory_only`, up to the last gdn block's delta rule."""
+        """How many times `pass_slices` yields: between blocks, after each attention mixer and twice inside
+        each gdn mixer; `memory_only`, up to the last gdn block's delta rule."""
         kinds = [block.kind for block in self.blocks]
-        count = sum(4 if kind == "gdn" else 2 for kind in kinds)
+        per_block = [(i > 0) + (1 if kind == "attn" else 2) for i, kind in enumerate(kinds)]
         if not memory_only or "gdn" not in kinds:
-            return count
-        return count - 3 - 2 * kinds[::-1].index("gdn")  # its last 3 and the attention blocks after it
+            return sum(per_block)
+        last_gdn = len(kinds) - 1 - kinds[::-1].index("gdn")
+        return sum(per_block[:last_gdn]) + (last_gdn > 0) + 1  # and its yield after the gdn inputs
 
     def sleep_slice_count(self, passes: int) -> int:
         """How many times `sleep_slices` yields."""
@@ -183,15 +185,20 @@ class HybridLM(nn.Module):
     def pass_slices(
         self, h: Tensor, fast: Memory, stale: int = 0, memory_only: bool = False
     ) -> Slices[tuple[Tensor, Memory]]:
-        """`run_blocks` a slice at a time: yields after each mixer, inside the gdn mixers (after their
-        inputs and after the delta rule) and after each MLP; returns (h, fast).
+        """`run_blocks` a slice at a time: yields between blocks, after each attention mixer, and inside
+        the gdn mixers after their inputs and after the delta rule (their output and the MLP after it
+        are one slice); returns (h, fast) with the last slice. Each pause costs the caller's work
+        between slices a few percent of the pass, so the slices are as few as keep each one short.
         `memory_only`: only the fast weights are wanted (a sleep's last pass), so it returns at the last
         gdn block's delta rule, leaving out what feeds nothing but h."""
         last_gdn = max((i for i, b in enumerate(self.blocks) if b.kind == "gdn"), default=-1)
         fast_in, fast_out = iter(fast), []
         for i, block in enumerate(self.blocks):
+            if i:
+                yield
             if block.kind == "attn":
                 h = block.attend(h, stale if i == 0 else 0)
+                yield
             else:
                 x = block.mixer_norm(h)
                 q, k, v, g, beta, _ = block.mixer.project(x)
@@ -202,9 +209,7 @@ class HybridLM(nn.Module):
                     return h, fast_out
                 yield
                 h = h + block.mixer.output(x, o)
-            yield
             h = block.feed_forward(h)
-            yield
         return h, fast_out
 
     def logits(self, h: Tensor) -> Tensor:
@@ -260,26 +265,38 @@ class HybridLM(nn.Module):
 
     def stale_window(self, cache: WindowCache, memory: Memory, keep: int) -> WindowCache:
         """stale-kv's boundary: new windows that keep the last `keep` tokens of each of `cache`'s as the
-        keys and values they were decoded with, moved to the window's start (their rotary positions
-        shifted to match: scores depend on distances only), and whose fast weights restart from
-        `memory`. Nothing runs through the network. `cache` is not modified."""
-        offset = cache.lengths - keep  # [B] where the kept tokens start
-        source = offset[:, None] + torch.arange(keep, device=offset.device)  # [B, keep]
-        layers: list[KVCache | FastWeightCache] = []
-        fast, B = iter(memory), cache.lengths.shape[0]
-        for block, layer in zip(self.blocks, cache.layers, strict=True):
+        keys and values they were decoded with (see `move_stale`), and whose fast weights restart from
+        `memory`. `cache` is not modified."""
+        rows = list(range(cache.lengths.shape[0]))
+        windows = cache.select(rows)
+        self.move_stale(windows, rows, memory, keep)
+        return windows
+
+    def move_stale(self, cache: WindowCache, rows: list[int], memory: Memory, keep: int) -> None:
+        """stale-kv's boundary in place, for the windows of `cache` in `rows`: each keeps its last `keep`
+        tokens as the keys and values they were decoded with, moved to the window's start (their rotary
+        positions shifted to match: scores depend on distances only; the rest of its buffers zeroed),
+        and its fast weights restart from its row of `memory` (one per entry of `rows`). Nothing runs
+        through the network."""
+        if rows == list(range(rows[0], rows[0] + len(rows))):  # consecutive (one, say): views, no copies
+            index: slice | Tensor = slice(rows[0], rows[0] + len(rows))
+        else:
+            index = torch.as_tensor(rows, dtype=torch.long, device=cache.lengths.device)
+        offset = cache.lengths[index] - keep  # [R] where the kept tokens start
+        source = offset[:, None] + torch.arange(keep, device=offset.device)  # [R, keep]
+        fast = iter(memory)
+        for layer in cache.layers:
             if isinstance(layer, KVCache):
-                H, D = layer.keys.shape[1], layer.keys.shape[3]
-                index = source[:, None, :, None].expand(B, H, keep, D)
-                keys, values = torch.zeros_like(layer.keys), torch.zeros_like(layer.values)
-                shift = -offset[:, None].expand(B, keep)
-                keys[:, :, :keep] = rotary(layer.keys.gather(2, index), shift, self.config.rope_base)
-                values[:, :, :keep] = layer.values.gather(2, index)
-                layers.append(KVCache(keys, values))
+                R, H, capacity, D = len(rows), *layer.keys.shape[1:]
+                at = source[:, None, :, None].expand(R, H, keep, D)
+                keys = rotary(layer.keys[index].gather(2, at), -offset[:, None], self.config.rope_base)
+                values = layer.values[index].gather(2, at)
+                layer.keys[index] = F.pad(keys, (0, 0, 0, capacity - keep))
+                layer.values[index] = F.pad(values, (0, 0, 0, capacity - keep))
             else:
-                fast_weights = next(fast)
-                layers.append(FastWeightCache(fast_weights, block.mixer.empty_conv(B, fast_weights)))
-        return WindowCache(layers, torch.full_like(cache.lengths, keep))
+                layer.fast[index] = next(fast)
+                layer.conv[index] = 0.0
+        cache.lengths[index] = keep
 
     def _append(self, tokens: Tensor, cache: WindowCache, last_mlp: bool) -> tuple[Tensor, WindowCache]:
         """The blocks over tokens [B, T] appended to the windows: the last hidden states and the cache."""

@@ -389,12 +389,13 @@ class SleepExecutor:
             self._cond.notify_all()
         return futures
 
-    def expedite(self, job: ConsolidationJob) -> None:
-        """Its session waits for `job` from now on, so it is due now: it counts as a missed deadline
-        when it ends (which makes the policy shallower), it moves to the front of the queue, and
-        interleaved, the pace takes it as overdue."""
+    def reschedule(self, job: ConsolidationJob, deadline: float) -> None:
+        """`job` is due at `deadline` from now on (on `now`'s clock): a closer estimate of when its
+        session needs it, or now, when the session waits for it, which counts as a missed deadline
+        when it ends (and makes the policy shallower). It takes its place in the EDF queue, and
+        interleaved, the pace follows it."""
         with self._cond:
-            job.deadline = min(job.deadline, self.now())
+            job.deadline = deadline
             self._queue.reschedule(job)
 
     def cancel_session(self, session: str) -> int:
@@ -575,7 +576,8 @@ class SleepExecutor:
     ) -> None:
         """Resolve finished jobs' futures with their rows of `out`, which took `seconds` of work each
         in a batch of `rows` (None: these jobs alone, one batch, whose cost the policy then learns; a
-        rolling batch teaches it pass by pass). Late ones count one miss to the policy."""
+        rolling batch teaches it pass by pass). The policy hears how many finished and whether any was
+        late (one miss)."""
         jobs = [job for job, _ in items]
         finished = self.now()
         missed = [finished > job.deadline for job in jobs]
@@ -583,8 +585,7 @@ class SleepExecutor:
             if rows is None:
                 assert jobs[0].passes is not None
                 self.policy.observe(jobs[0].tokens, jobs[0].passes, seconds[0], len(jobs))
-            if any(missed):
-                self.policy.record_miss()
+            self.policy.record(len(jobs), any(missed))
         for b, ((job, future), late, spent) in enumerate(zip(items, missed, seconds, strict=True)):
             passes = job.passes
             assert passes is not None
@@ -617,6 +618,9 @@ class SleepExecutor:
         run slices for the share of its time that keeps every sleep on pace for its deadline (`_pace`);
         with a worker, nothing (it runs on its own)."""
         if not self.interleaved:
+            return
+        if self._rolling is None and not len(self._queue):  # most steps of a quiet server
+            self._credit = 0.0
             return
         self._credit += busy * self._pace()
         while self._credit > 0:
@@ -721,7 +725,7 @@ class SleepExecutor:
             self._release([row.job for row in done])
         keep = [b for b, row in enumerate(rolling.rows) if row.passes_left > 0]
         rolling.rows = [rolling.rows[b] for b in keep]
-        rolling.h, rolling.fast = h[keep], [m[keep] for m in fast]
+        rolling.h, rolling.fast = (h[keep], [m[keep] for m in fast]) if finished else (h, fast)
         if not rolling.rows:  # the next batch starts at the next slice, which may hold it back
             self._rolling = None
             self._credit = max(self._credit, 0.0)  # no debt: the next sleep starts on its own pace

@@ -2,7 +2,9 @@
 
 Depth: N is the largest number of passes whose planned completion (the work queued ahead plus N
 passes over the batch) fits in the slack to the deadline, clamped to [min_passes, max_passes], minus a
-penalty after a missed deadline that halves every `penalty_half_life` seconds.
+penalty after a missed deadline that halves with every `penalty_half_life` sleeps that finish: it
+counts in sleeps, not seconds, so a burst of misses makes the next few sleeps shallower however often
+sleeps come, and load that stays too high keeps it up by missing again.
 
 The cost of a pass depends on the batch's shape, chunk length and rows (a batch of several chunks
 costs more than one chunk, if far less than one per chunk), so it is kept per shape: an EMA of the
@@ -48,7 +50,7 @@ class DepthPolicy:
         ema: float = 0.3,
         deviations: float = 2.0,
         miss_penalty: float = 2.0,
-        penalty_half_life: float = 30.0,
+        penalty_half_life: float = 8.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 1 <= min_passes <= max_passes:
@@ -59,7 +61,7 @@ class DepthPolicy:
         self.miss_penalty, self.penalty_half_life = miss_penalty, penalty_half_life
         self.clock = clock
         self._costs: dict[tuple[int, int], _PassCost] = {}  # (chunk length, rows) -> cost of a pass
-        self._penalty, self._penalty_at = 0.0, 0.0
+        self._penalty = 0.0
         self._lock = threading.Lock()  # observed from worker threads, read from the submitter
 
     def seed(self, tokens: int, seconds_per_pass: float, rows: int = 1) -> None:
@@ -79,17 +81,19 @@ class DepthPolicy:
             cost.deviation += self.ema * (abs(per_pass - cost.mean) - cost.deviation)
             cost.mean += self.ema * (per_pass - cost.mean)
 
-    def record_miss(self) -> None:
-        """A sleep finished after its deadline: make the next ones shallower for a while."""
+    def record(self, sleeps: int, missed: bool) -> None:
+        """`sleeps` sleeps finished (one batch's, or the rows that leave a rolling batch), `missed` if
+        any was late: each takes back some of the penalty, and a miss adds `miss_penalty` passes to it
+        for the next ones."""
         with self._lock:
-            now = self.clock()
-            self._penalty = self._decayed(now) + self.miss_penalty
-            self._penalty_at = now
+            self._penalty *= 0.5 ** (sleeps / self.penalty_half_life)
+            if missed:
+                self._penalty += self.miss_penalty
 
     def penalty(self) -> float:
         """Passes currently taken off for recent misses."""
         with self._lock:
-            return self._decayed(self.clock())
+            return self._penalty
 
     def pass_seconds(self, tokens: int, rows: int = 1, margin: bool = True) -> float:
         """Planned seconds of one pass over a batch of `rows` chunks of `tokens` tokens: the observed
@@ -125,11 +129,6 @@ class DepthPolicy:
             fit = math.floor(slack / per_pass + 1e-9)  # 1e-9: float noise
         depth = fit - round(self.penalty())
         return max(self.min_passes, min(self.max_passes, depth))
-
-    def _decayed(self, now: float) -> float:
-        if self._penalty <= 0:
-            return 0.0
-        return self._penalty * 0.5 ** ((now - self._penalty_at) / self.penalty_half_life)
 
 
 class DecodeRate:

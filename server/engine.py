@@ -374,7 +374,7 @@ class Engine:
                 seq.cache = window.select([row]) if len(group) > 1 else window
                 seq.to_feed = seq.to_feed[n:]
                 seq.stats.prompt_tokens += n
-                if self._advance(seq, piece, logits[row, -1]):
+                if not self._advance(seq, piece, logits[row, -1]):
                     at_boundary.append(seq)
             self.metrics.prompt_tokens.inc(n * len(group))
             self._consolidate(at_boundary)
@@ -401,8 +401,11 @@ class Engine:
         self.metrics.decode_batch_size.observe(len(rows))
         at_boundary = []
         for row, seq in enumerate(rows):
-            if self._advance(seq, [seq.pending.pop(0)], logits[row, -1]):
+            room = self._advance(seq, [seq.pending.pop(0)], logits[row, -1])
+            if not room:
                 at_boundary.append(seq)
+            elif seq.sleep_job is not None and room & (room - 1) == 0:
+                self._refresh_deadline(seq, room)
             if seq.finish_reason is None:
                 self._sample(seq)
         self._flush()  # the tokens go out before any boundary work
@@ -448,13 +451,13 @@ class Engine:
         else:
             seq.cache = window if window.lengths.shape[0] == 1 else window.select([source])
 
-    def _advance(self, seq: Sequence, tokens: list[int], logits: Tensor) -> bool:
-        """Account for tokens the model has just processed, as `model.session.feed` does. Returns
-        whether the sequence's chunk is now full (the caller then calls `_consolidate`)."""
+    def _advance(self, seq: Sequence, tokens: list[int], logits: Tensor) -> int:
+        """Account for tokens the model has just processed, as `model.session.feed` does. Returns the
+        room left in the sequence's chunk (none: it is full, the caller then calls `_consolidate`)."""
         seq.logits = logits
         seq.state.tail += tokens
         seq.state.tokens_seen += len(tokens)
-        return room_in_chunk(self.model, seq.state) == 0
+        return room_in_chunk(self.model, seq.state)
 
     # -- window boundaries ----------------------------------------------------------------------------
 
@@ -488,7 +491,7 @@ class Engine:
                 # come a piece per step, faster than a deadline at the decode rate: not counted.)
                 if seq.generated:
                     assert seq.sleep_job is not None
-                    self.executor.expedite(seq.sleep_job)
+                    self.executor.reschedule(seq.sleep_job, self._decode_clock())
         self._cross(ready)
 
     def _consolidate_inline(self, seq: Sequence) -> None:
@@ -524,6 +527,18 @@ class Engine:
             )
         for seq, job, future in zip(seqs, jobs, self.executor.submit_all(jobs), strict=True):
             seq.sleep, seq.sleep_job = future, job
+
+    def _refresh_deadline(self, seq: Sequence, room: int) -> None:
+        """Set the deadline of a decoding sequence's pending sleep anew from the `room` left before its
+        boundary: the decode rate it was planned with drifts (a sleep that starts or ends changes the
+        steps), and a plan that is late makes the session wait there, one that is early counts a miss
+        nobody waited for. Called when the room is a power of two (16, 8, 4, 2, 1 tokens): it closes
+        in at a few reschedules per window."""
+        assert self.executor is not None and seq.sleep is not None and seq.sleep_job is not None
+        if not seq.sleep.done():
+            now = self._decode_clock()
+            deadline = sleep_deadline(self.model.config.schedule, now, room, self._rate.rate)
+            self.executor.reschedule(seq.sleep_job, deadline)
 
     def _collect_sleeps(self) -> None:
         """Let the sequences that wait at a boundary for their sleep go on once it is done."""
@@ -573,22 +588,21 @@ class Engine:
     def _move_stale_windows(self, seqs: list[Sequence]) -> None:
         """stale-kv's boundary for `seqs`, whose sleeps were just swapped in: each window keeps its
         completed chunk's keys and values and restarts its fast weights from the new memory
-        (`HybridLM.stale_window`); the decode batch's rows in place, in one batch per chunk length."""
+        (`HybridLM.move_stale`), in place: the decode batch's rows in one go per chunk length."""
         self._crossed = True
         in_batch: dict[int, list[Sequence]] = {}
         for seq in seqs:
             if seq.cache is None:
                 in_batch.setdefault(len(seq.state.tail), []).append(seq)
             else:
-                seq.cache = self._stale_window([seq], seq.cache)
+                self._move_stale(seq.cache, [0], [seq])
         for group in in_batch.values():
-            rows = [self._rows.index(seq) for seq in group]
-            self._cache.write_rows(rows, self._stale_window(group, self._cache.select(rows)))
+            self._move_stale(self._cache, [self._rows.index(seq) for seq in group], group)
 
-    def _stale_window(self, group: list[Sequence], windows: WindowCache) -> WindowCache:
-        """The stale-kv windows of `group` (equal tails) from `windows`, their current ones."""
+    def _move_stale(self, cache: WindowCache, rows: list[int], group: list[Sequence]) -> None:
+        """`HybridLM.move_stale` for `group` (equal tails), the windows in `rows` of `cache`."""
         memory = batch_memory(self.model, [seq.state for seq in group])
-        return self.model.stale_window(windows, memory, len(group[0].state.tail))
+        self.model.move_stale(cache, rows, memory, len(group[0].state.tail))
 
     def _settle(self, seq: Sequence) -> None:
         """Before a sequence ends: if it waits at a boundary, cross it (the session must be stored with

@@ -319,6 +319,28 @@ def test_a_stale_window_equals_the_window_rebuilt_from_its_state():
     torch.testing.assert_close(resumed, went_on, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [[0, 2], [1, 2], [1]])
+def test_moving_stale_windows_in_place_touches_their_rows_only(rows):
+    """`move_stale` on some rows of a decode batch (consecutive ones as views, others by index) gives
+    those rows what `stale_window` gives for them alone, and leaves the other rows as they were."""
+    model = make_model("default-ish", "lagged", construction="stale-kv")
+    L = model.config.window
+    with torch.no_grad():
+        batch = model.open_window(model.empty_memory(3))
+        batch = model.fill(torch.tensor([random_tokens(L + 5, seed=s) for s in range(3)]), batch)
+        memory = [torch.randn(len(rows), *m.shape[1:]) for m in model.empty_memory(1)]
+        before = batch.select([0, 1, 2])
+        expected = model.stale_window(batch.select(rows), memory, 5)
+        model.move_stale(batch, rows, memory, 5)
+    for b in range(3):
+        want = expected.select([rows.index(b)]) if b in rows else before.select([b])
+        got = batch.select([b])
+        assert torch.equal(got.lengths, want.lengths)
+        for mine, theirs in zip(got.layers, want.layers, strict=True):
+            for x, y in zip(vars(mine).values(), vars(theirs).values(), strict=True):
+                assert torch.equal(x, y)
+
+
 def test_stale_kv_needs_the_first_block_to_be_the_only_attention():
     with pytest.raises(ValueError, match="stale-kv needs the first block"):
         ModelConfig(layers=["gdn", "attn"], lagged_construction="stale-kv")

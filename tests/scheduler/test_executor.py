@@ -401,17 +401,17 @@ def test_interleaved_shutdown_finishes_or_fails_the_batch_in_progress(model: Hyb
         interleaved(model, share=1.0)
 
 
-def test_an_expedited_job_runs_first_and_counts_a_missed_deadline(model: HybridLM) -> None:
-    """A session waiting at its boundary for its sleep expedites it: the job is due now, so it runs
-    ahead of a job due earlier, and its result counts a missed deadline (it was needed sooner than
-    planned); the other job's does not."""
+def test_a_job_rescheduled_to_now_runs_first_and_counts_a_missed_deadline(model: HybridLM) -> None:
+    """A session waiting at its boundary for its sleep makes it due now: it runs ahead of a job due
+    earlier, and its result counts a missed deadline (it was needed sooner than planned); the other
+    job's does not."""
     metrics = Metrics()
     executor = interleaved(model, metrics=metrics)
     try:
         earlier = random_job(model, 81, tokens=8, deadline=time.monotonic() + 10.0)
         waited_for = random_job(model, 82, tokens=5, deadline=time.monotonic() + 20.0)
         first, second = executor.submit_all([earlier, waited_for])
-        executor.expedite(waited_for)
+        executor.reschedule(waited_for, executor.now())
         executor.wait([second], timeout=30)
         assert second.done() and not (first.running() or first.done())  # the other has not started
         executor.wait([first], timeout=30)

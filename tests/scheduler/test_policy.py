@@ -72,17 +72,19 @@ def test_a_varying_cost_is_planned_with_a_margin(clock) -> None:
     assert scattered.choose(8, clock() + 0.055) < 4
 
 
-def test_a_missed_deadline_makes_the_next_jobs_shallower_for_a_while(clock) -> None:
-    p = policy(clock, miss_penalty=2.0, penalty_half_life=10.0)
+def test_a_missed_deadline_makes_the_next_jobs_shallower_for_a_few_sleeps(clock) -> None:
+    p = policy(clock, miss_penalty=2.0, penalty_half_life=4.0)
     before = p.choose(8, clock() + 0.06)
     assert before == 6
-    p.record_miss()
+    p.record(1, missed=True)
     assert p.choose(8, clock() + 0.06) == 4
-    p.record_miss()
+    p.record(1, missed=True)  # 2 * 2^(-1/4) + 2
     assert p.choose(8, clock() + 0.06) == 2
-    clock.advance(10.0)  # penalty 4 -> 2
+    clock.advance(3600.0)  # time alone takes nothing back
+    assert p.choose(8, clock() + 0.06) == 2
+    p.record(4, missed=False)  # a half-life of sleeps on time: penalty 3.7 -> 1.8
     assert p.choose(8, clock() + 0.06) == 4
-    clock.advance(100.0)
+    p.record(40, missed=False)
     assert p.choose(8, clock() + 0.06) == before
 
 

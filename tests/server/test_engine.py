@@ -276,6 +276,42 @@ async def test_sessions_joining_and_leaving_the_batch(make_engine, schedule):
     assert engine.max_batch >= 2
 
 
+async def test_a_pending_sleep_is_planned_anew_as_its_session_nears_the_boundary(monkeypatch):
+    """A lagged sleep's deadline, planned from the decode rate when it starts, is planned anew from the
+    rate then at 4, 2 and 1 tokens before its session's boundary (window 8), and made due now when the
+    session reaches the boundary and waits for it."""
+    monkeypatch.setattr(DecodeRate, "rate", property(lambda self: 100.0))  # 10 ms a token
+    model = tiny_model("lagged")
+    gated = GatedModel(model)
+    executor = SleepExecutor(gated, isolation="thread")
+    planned: list[tuple[int, float]] = []  # (job, tokens ahead at the rate)
+    reschedule = executor.reschedule
+
+    def recording(job, deadline):
+        planned.append((job.id, round((deadline - executor.now()) * 100.0, 1)))
+        reschedule(job, deadline)
+
+    monkeypatch.setattr(executor, "reschedule", recording)
+    engine = Engine(model, passes=model.config.sleep_passes, metrics=Metrics(), executor=executor)
+    engine.start()
+    try:
+        request = EngineRequest(
+            new_state(model), TOKENIZER.encode("wait:"), greedy(20, stop_tokens=frozenset())
+        )
+        task = asyncio.create_task(collect(engine.submit(request)))
+        for _ in range(1000):  # the first sleep holds; the session waits at its second boundary
+            if any(s.blocked_since for s in engine.running):
+                break
+            await asyncio.sleep(0.01)
+        gated.release.set()
+        await asyncio.wait_for(task, timeout=30)
+    finally:
+        gated.release.set()
+        await engine.shutdown(grace=0)
+    first = planned[0][0]
+    assert [tokens for job, tokens in planned if job == first] == [4.0, 2.0, 1.0, 0.0]
+
+
 @pytest.mark.parametrize("prompt, counted", [("wait:", True), ("a prompt across windows", False)])
 async def test_a_session_that_waits_for_its_sleep_counts_a_missed_deadline(monkeypatch, prompt, counted):
     """Lagged, a sleep still running when its session reaches the next boundary while decoding was due
