@@ -6,9 +6,10 @@ reaches its request's asyncio queue, and each gap is spread over the tokens it c
 harness spreads its chunks (`bench.stats.spread_itl`), so the numbers compare with sleep_overlap's.
 
 Systems: sleep_overlap's no-sleep (`hard`, N = 1) and lagged-scheduled (`lagged`, adaptive N), from its
-serve flags; interleaved rounds, percentiles over the pooled gaps, the engine's mean iteration apart
-and at a window boundary (`sleepserve_engine_step_seconds{boundary}`) and the mean hand-off of outputs
-to the event loop (`sleepserve_output_handoff_seconds`). Writes bench/results/engine_itl.json.
+serve flags, on the CPUs `sleepserve serve` would run them on (`--cpu-affinity auto`); interleaved
+rounds, percentiles over the pooled gaps, the engine's mean iteration apart and at a window boundary
+(`sleepserve_engine_step_seconds{boundary}`) and the mean hand-off of outputs to the event loop
+(`sleepserve_output_handoff_seconds`). Writes bench/results/engine_itl.json.
 
 `--weights`: `random` (default, as sleep_overlap; its lagged construction `--lagged-construction`) or
 `checkpoint` (the shipped model, or the one in `--checkpoint`). The weights do
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
@@ -42,7 +44,7 @@ from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from model.hybrid import HybridLM
 from model.session import new_state
 from model.tokenizer import ByteTokenizer
-from server.cli import settings_from_args
+from server.cli import server_cpus, settings_from_args
 from server.context import build_server
 from server.engine import Engine, EngineRequest, SamplingParams
 from server.settings import Settings
@@ -133,16 +135,22 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = (args.boundaries + 1) * lagged.window
     flags = sleep_overlap.systems(args.passes, args.max_passes, args.sleeper_nice, args.sleep_worker)
     settings = {name: settings_from_args(flags[name]) for name in SYSTEMS}
+    allowed = os.sched_getaffinity(0)
+    cpus = server_cpus(settings["lagged-scheduled"], allowed, torch.get_num_threads())
     rounds: dict[str, list[dict]] = {name: [] for name in SYSTEMS}
-    for i in range(args.rounds):
-        for name in SYSTEMS:
-            assert settings[name].schedule is not None  # every system names its schedule
-            model = load_model(source, settings[name].schedule, args.lagged_construction)
-            one = asyncio.run(measure(model, settings[name], args.streams, tokens))
-            rounds[name].append(one)
-            print(
-                f"round {i + 1}/{args.rounds} {name:>17}: ITL p99 {np.percentile(one['itl_ms'], 99):6.2f} ms"
-            )
+    try:
+        if cpus is not None:  # where `sleepserve serve` would run these threads (the engine's inherits it)
+            os.sched_setaffinity(0, cpus)
+        for i in range(args.rounds):
+            for name in SYSTEMS:
+                assert settings[name].schedule is not None  # every system names its schedule
+                model = load_model(source, settings[name].schedule, args.lagged_construction)
+                one = asyncio.run(measure(model, settings[name], args.streams, tokens))
+                rounds[name].append(one)
+                p99 = np.percentile(one["itl_ms"], 99)
+                print(f"round {i + 1}/{args.rounds} {name:>17}: ITL p99 {p99:6.2f} ms")
+    finally:
+        os.sched_setaffinity(0, allowed)  # the caller's thread as it was (a test's, say)
     rows = [pool(name, one) for name, one in rounds.items()]
     base, product = rows
     report = {

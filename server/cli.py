@@ -7,10 +7,12 @@ import asyncio
 import importlib
 import logging
 import math
+import os
 import socket
 import sys
 from collections.abc import Callable
 
+import torch
 import uvicorn
 from pydantic import ValidationError
 
@@ -52,6 +54,12 @@ SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
     ),
     ("--sleeper-nice", "sleeper_nice", int, "nice value of the sleeper process, 0 (default) to 19"),
     (
+        "--cpu-affinity",
+        "cpu_affinity",
+        str,
+        "auto (default) | none | CPU ids: where the server's threads run",
+    ),
+    (
         "--sleep-passes",
         "sleep_passes",
         str,
@@ -83,6 +91,21 @@ def settings_from_args(argv: list[str]) -> Settings:
     return Settings(**{k: v for k, v in vars(args).items() if v is not None})
 
 
+def server_cpus(settings: Settings, allowed: set[int], torch_threads: int) -> set[int] | None:
+    """The CPUs to run the server's threads on (`Settings.cpu_affinity`), None to leave them be."""
+    if settings.cpu_affinity == "none":
+        return None
+    if settings.cpu_affinity != "auto":
+        cpus = {int(part) for part in settings.cpu_affinity.split(",")}
+        if not cpus <= allowed:
+            raise ValueError(f"cpu_affinity {sorted(cpus)}: this process may only use CPUs {sorted(allowed)}")
+        return cpus
+    interleaved = settings.sleep_worker in ("auto", "interleaved") or settings.sleep_mode == "inline"
+    if settings.device != "cpu" or torch_threads != 1 or not interleaved or len(allowed) < 2:
+        return None
+    return {max(allowed)}
+
+
 def serve(argv: list[str]) -> int:
     """Run the server with uvicorn."""
     try:
@@ -95,6 +118,10 @@ def serve(argv: list[str]) -> int:
     )
 
     try:
+        cpus = server_cpus(settings, os.sched_getaffinity(0), torch.get_num_threads())
+        if cpus is not None:  # before any thread starts: they all inherit it
+            os.sched_setaffinity(0, cpus)
+            logging.getLogger("sleepserve").info("the server's threads run on CPUs %s", sorted(cpus))
         app = create_app(settings)
     except (CheckpointError, ValueError) as exc:
         print(f"sleepserve: {exc}", file=sys.stderr)

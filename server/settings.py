@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     # shortest time slice, where it has one) keeps the loop's hand-out of tokens from waiting behind a
     # sleep, at the cost of shallower sleeps when the CPU is short.
     sleeper_nice: int = Field(0, ge=0, le=19)
+    # The CPUs `sleepserve serve` runs its own threads on (the event loop and the decode loop). They
+    # take turns on one GIL, and on different cores each turn moves the interpreter's hot state
+    # between their caches: on 2 cores, decode steps took 1.35-2.3 ms, switching between the two as
+    # the kernel moved the threads, against a steady 1.2 ms on one core. "auto": one core, the last
+    # the process may use, on CPU when torch runs one thread and background sleep is interleaved (a
+    # sleeper thread or process needs cores of its own, and so do torch's threads); "none": as the
+    # kernel places them; else CPU ids, comma-separated.
+    cpu_affinity: str = "auto"
     sleep_passes: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     # The idle trigger: consolidate a session's tail after this many idle seconds (None: off; needs a
     # checkpoint trained with variable chunk lengths), on this replica or ("remote") by `sleepserve
@@ -64,6 +72,13 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(30.0, ge=0)  # seconds running streams get to finish on shutdown
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # comma-separated in the env
     log_level: str = "info"
+
+    @field_validator("cpu_affinity")
+    @classmethod
+    def _check_affinity(cls, value: str) -> str:
+        if value not in ("auto", "none") and not all(part.strip().isdigit() for part in value.split(",")):
+            raise ValueError(f"cpu_affinity is auto, none or CPU ids like 0,2; got {value!r}")
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

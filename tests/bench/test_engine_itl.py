@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -14,11 +15,14 @@ from bench import engine_itl
     [("random", "re-prefill", "process"), ("random", "stale-kv", "auto"), ("checkpoint", "stale-kv", "auto")],
 )
 def test_engine_itl_measures_both_systems(tmp_path, weights, construction, worker) -> None:
-    """(The shipped checkpoint's own construction is stale-kv; `auto` sleeps interleaved on CPU.)"""
+    """(The shipped checkpoint's own construction is stale-kv; `auto` sleeps interleaved on CPU.) The
+    caller's thread runs where it did before, whatever CPUs the systems ran on."""
+    cpus = os.sched_getaffinity(0)
     out = tmp_path / "engine_itl.json"
     args = ["--streams", "2", "--boundaries", "3", "--rounds", "1", "--weights", weights, "--out", str(out)]
     report = engine_itl.main([*args, "--lagged-construction", construction, "--sleep-worker", worker])
     assert json.loads(out.read_text()) == report and report["weights"] == weights
+    assert os.sched_getaffinity(0) == cpus
     assert report["lagged_construction"] == construction and report["sleep_worker"] == worker
     no_sleep, lagged = report["systems"]
     assert [no_sleep["name"], lagged["name"]] == ["no-sleep", "lagged-scheduled"]

@@ -58,3 +58,28 @@ def test_subcommands_dispatch(monkeypatch, name):
     monkeypatch.setattr("json.dumps", lambda argv: calls.append(argv) or 0)
     assert main([name, "--flag"]) == 0
     assert calls == [["--flag"]]
+
+
+@pytest.mark.parametrize(
+    "flags,threads,allowed,expected",
+    [
+        ([], 1, {0, 1, 2, 3}, {3}),  # interleaved on CPU: the last core
+        (["--sleep-worker", "interleaved"], 1, {2, 5}, {5}),
+        (["--sleep-mode", "inline"], 1, {0, 1}, {1}),
+        ([], 2, {0, 1}, None),  # torch's own threads need the cores
+        (["--sleep-worker", "process"], 1, {0, 1}, None),  # the sleeper needs a core of its own
+        (["--device", "cuda", "--sleep-worker", "thread"], 1, {0, 1}, None),
+        ([], 1, {0}, None),  # one core anyway
+        (["--cpu-affinity", "none"], 1, {0, 1}, None),
+        (["--cpu-affinity", "0, 1"], 4, {0, 1, 2}, {0, 1}),  # explicit: whatever the rest
+    ],
+)
+def test_server_threads_share_a_core_when_they_only_take_turns(flags, threads, allowed, expected):
+    assert cli.server_cpus(settings_from_args(flags), allowed, threads) == expected
+
+
+def test_cpu_affinity_outside_the_allowed_cpus_or_malformed_is_refused(capsys):
+    with pytest.raises(ValueError, match="may only use CPUs"):
+        cli.server_cpus(settings_from_args(["--cpu-affinity", "7"]), {0, 1}, 1)
+    assert main(["serve", "--cpu-affinity", "first"]) == 2
+    assert "cpu_affinity" in capsys.readouterr().err

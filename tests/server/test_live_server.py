@@ -4,6 +4,7 @@ store and with Redis; sessions that outlive a restart and a `kill -9`."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -181,3 +182,17 @@ def test_session_survives_disconnect_shutdown_restart_and_kill(launch, tiny_chec
         k: before[k] for k in ("tokens_seen", "chunks_consolidated", "version")
     }
     assert turn(server, "third turn")["session_tokens_total"] > before["tokens_seen"]
+
+
+def test_the_server_threads_share_one_core(launch, tiny_checkpoint):
+    """On CPU with one torch thread and interleaved sleep (`--cpu-affinity auto`), every thread of the
+    server process (the event loop's, the decode loop's, any other) runs on the last core it may use."""
+    server = launch(tiny_checkpoint(), "memory")
+    server.client.completions.create(model=MODEL, prompt="Once upon", max_tokens=8)  # the engine ran
+    allowed = os.sched_getaffinity(0)
+    expected = {max(allowed)} if len(allowed) > 1 else allowed
+    threads = [int(task.name) for task in Path(f"/proc/{server.process.pid}/task").iterdir()]
+    assert len(threads) >= 2
+    assert all(os.sched_getaffinity(thread) == expected for thread in threads)
+    if len(allowed) > 1:
+        assert f"the server's threads run on CPUs [{max(allowed)}]" in server.log.read_text()
