@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     source = args.checkpoint if args.weights == "checkpoint" else "random"
     lagged = load_model(source, "lagged", args.lagged_construction).config
     tokens = (args.boundaries + 1) * lagged.window
-    flags = sleep_overlap.systems(args.passes, args.max_passes, args.sleeper_nice, args.sleep_worker)
+    flags = sleep_overlap.systems(
+        args.passes, args.max_passes, args.sleeper_nice, args.sleep_worker, args.sleep_share
+    )
     settings = {name: settings_from_args(flags[name]) for name in SYSTEMS}
     allowed = os.sched_getaffinity(0)
     cpus = server_cpus(settings["lagged-scheduled"], allowed, torch.get_num_threads())
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         "lagged_construction": lagged.lagged_construction,
         "sleeper_nice": args.sleeper_nice,
         "sleep_worker": args.sleep_worker,
+        "sleep_share": args.sleep_share,
         "systems": rows,
         "p99_ratio": product["itl_p99_ms"] / base["itl_p99_ms"],
     }

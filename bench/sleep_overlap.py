@@ -13,11 +13,13 @@ over the pooled samples of all rounds; each round's own p99 is kept beside them,
 mean engine iteration apart and at a window boundary (its `sleepserve_engine_step_seconds`) and its mean
 hand-off of outputs to the event loop (`sleepserve_output_handoff_seconds`). `--sleep-worker` picks
 where the scheduled systems sleep (default `auto`: interleaved on CPU); with `process`, `--sleeper-nice`
-runs their sleeper process that much below the server. Writes
+runs their sleeper process that much below the server; interleaved, `--sleep-share` is the share of the
+decode thread their N is planned for (the server's default unless given). Writes
 bench/results/sleep_overlap.json and a PNG of inter-token latency over time (the first round) with each
 stream's window boundaries marked.
 
     python -m bench.sleep_overlap
+    python -m bench.sleep_overlap --sleep-share 0.25 --out bench/results/sleep_overlap_share25.json
     python -m bench.sleep_overlap --device cuda --out bench/results/sleep_overlap_cuda.json
     python -m bench.sleep_overlap --sleep-worker process --sleeper-nice 19 \
         --out bench/results/sleep_overlap_nice19.json
@@ -43,17 +45,23 @@ from bench.serve import RequestConfig, run_requests
 from bench.stats import summarize
 from model.config import CONSTRUCTIONS
 from scheduler.executor import ISOLATIONS
+from server.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def systems(
-    passes: int, max_passes: int, sleeper_nice: int = 0, sleep_worker: str = "auto"
+    passes: int,
+    max_passes: int,
+    sleeper_nice: int = 0,
+    sleep_worker: str = "auto",
+    sleep_share: float | None = None,
 ) -> dict[str, list[str]]:
-    """Server flags of each system; `sleep_worker` and `sleeper_nice` are those of the scheduled
-    systems' sleep."""
+    """Server flags of each system; `sleep_worker`, `sleeper_nice` and `sleep_share` (None: the
+    server's default) are those of the scheduled systems' sleep."""
     scheduled = ["--sleep-worker", sleep_worker]
     scheduled += ["--sleeper-nice", str(sleeper_nice)] if sleeper_nice else []
+    scheduled += ["--sleep-share", str(sleep_share)] if sleep_share is not None else []
     return {
         "no-sleep": ["--schedule", "hard", "--sleep-passes", "1"],
         "hard-sync": ["--schedule", "hard", "--sleep-passes", str(passes), "--sleep-mode", "inline"],
@@ -219,6 +227,12 @@ def workload_arguments(description: str, rounds: int) -> argparse.ArgumentParser
     parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds of every system")
     parser.add_argument("--sleeper-nice", type=int, default=0, help="nice value of the sleeper process")
     parser.add_argument(
+        "--sleep-share",
+        type=float,
+        default=Settings.model_fields["sleep_share"].default,
+        help="interleaved: share of the decode thread N is planned for (sleepserve serve --sleep-share)",
+    )
+    parser.add_argument(
         "--sleep-worker",
         choices=["auto", *ISOLATIONS],
         default="auto",
@@ -233,7 +247,7 @@ def workload_arguments(description: str, rounds: int) -> argparse.ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = workload_arguments(__doc__, rounds=3)
+    parser = workload_arguments(__doc__, rounds=6)
     parser.add_argument("--device", default="cpu", help="the servers' torch device")
     parser.add_argument("--out", type=Path, default=RESULTS / "sleep_overlap.json")
     args = parser.parse_args(argv)
@@ -242,7 +256,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = (args.boundaries + 1) * config.window
     flags = {
         name: [*f, "--device", args.device]
-        for name, f in systems(args.passes, args.max_passes, args.sleeper_nice, args.sleep_worker).items()
+        for name, f in systems(
+            args.passes, args.max_passes, args.sleeper_nice, args.sleep_worker, args.sleep_share
+        ).items()
     }
     rounds: dict[str, list[dict]] = {name: [] for name in flags}
     with tempfile.TemporaryDirectory(prefix="sleep-overlap-") as folder:
@@ -276,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": args.rounds,
         "sleeper_nice": args.sleeper_nice,
         "sleep_worker": args.sleep_worker,
+        "sleep_share": args.sleep_share,
         "systems": rows,
     }
     base, product = rows[0], rows[-1]
