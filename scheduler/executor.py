@@ -124,6 +124,7 @@ class _Rolling:
     done: int = 0  # of them run
     seconds: float = 0.0  # spent on them
     last_pass: float = 0.0  # seconds of the last whole pass
+    per_pass: float = 0.0  # expected seconds of this one, for the pace
 
     @property
     def tokens(self) -> int:
@@ -659,15 +660,13 @@ class SleepExecutor:
         now, need, work = self.now(), 0.0, 0.0
         rolling = self._rolling
         if rolling is not None:
-            expected = self.policy.pass_seconds(rolling.tokens, len(rolling.rows), margin=False)
-            per_pass = max(expected, rolling.last_pass)  # where passes run slower than the policy knows yet
             into = rolling.done / rolling.count  # of the pass under way
             for row in rolling.rows:
-                row_work = (row.passes_left - into) * per_pass
+                row_work = (row.passes_left - into) * rolling.per_pass
                 need = max(need, _ratio(row_work, _PACE_TARGET * (row.job.deadline - now)))
                 work = max(work, row_work)
         queued = self._queue.snapshot() if len(self._queue) else []  # most steps: none
-        equal = Counter(job.tokens for job in queued)
+        equal = Counter(job.tokens for job in queued) if queued else Counter()
         for job in queued:
             rows = min(equal[job.tokens], self.max_batch)
             passes = job.passes or self.policy.min_passes
@@ -793,7 +792,10 @@ class SleepExecutor:
         count = self.model.pass_slice_count(memory_only=last) + 1  # its yields, then its return
         current = self.model.pass_slices(h, fast, memory_only=last)
         last_pass = rolling.last_pass if rolling else 0.0
-        self._rolling = _Rolling(rows, h, fast, current, last, count, last_pass=last_pass)
+        assert self.policy is not None
+        expected = self.policy.pass_seconds(h.shape[1], len(rows), margin=False)
+        per_pass = max(expected, last_pass)  # where passes run slower than the policy knows yet
+        self._rolling = _Rolling(rows, h, fast, current, last, count, last_pass=last_pass, per_pass=per_pass)
         return True
 
     def _release(self, jobs: list[ConsolidationJob]) -> None:
