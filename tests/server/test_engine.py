@@ -284,11 +284,11 @@ async def test_a_pending_sleep_is_planned_anew_as_its_session_nears_the_boundary
     model = tiny_model("lagged")
     gated = GatedModel(model)
     executor = SleepExecutor(gated, isolation="thread")
-    planned: list[tuple[int, float]] = []  # (job, tokens ahead at the rate)
+    planned: list[tuple[int, int]] = []  # (job, tokens ahead at the rate, to within 5 ms)
     reschedule = executor.reschedule
 
     def recording(job, deadline):
-        planned.append((job.id, round((deadline - executor.now()) * 100.0, 1)))
+        planned.append((job.id, round((deadline - executor.now()) * 100.0)))
         reschedule(job, deadline)
 
     monkeypatch.setattr(executor, "reschedule", recording)
@@ -309,7 +309,7 @@ async def test_a_pending_sleep_is_planned_anew_as_its_session_nears_the_boundary
         gated.release.set()
         await engine.shutdown(grace=0)
     first = planned[0][0]
-    assert [tokens for job, tokens in planned if job == first] == [4.0, 2.0, 1.0, 0.0]
+    assert [tokens for job, tokens in planned if job == first] == [4, 2, 1, 0]
 
 
 @pytest.mark.parametrize("prompt, counted", [("wait:", True), ("a prompt across windows", False)])
