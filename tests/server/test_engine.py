@@ -316,7 +316,7 @@ async def test_a_pending_sleep_is_planned_anew_as_its_session_nears_the_boundary
 async def test_a_session_that_waits_for_its_sleep_counts_a_missed_deadline(monkeypatch, prompt, counted):
     """Lagged, a sleep still running when its session reaches the next boundary while decoding was due
     then, however late its planned deadline: the session waits for it (a decode stall), the job is
-    expedited and counts a missed deadline, and the answer is the reference's all the same. A prompt's
+    made due now and counts a missed deadline, and the answer is the reference's all the same. A prompt's
     boundaries come a piece per step, faster than any deadline at the decode rate: a wait there is
     neither a decode stall nor a miss."""
     monkeypatch.setattr(DecodeRate, "rate", property(lambda self: 1e-3))  # deadlines hours away
