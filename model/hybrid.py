@@ -51,16 +51,6 @@ class WindowCache:
                 )
         return WindowCache(layers, torch.cat([c.lengths for c in caches]))
 
-    def write_rows(self, rows: list[int], window: WindowCache) -> None:
-        """Overwrite the given rows of this batch with the rows of `window`, in order, in place."""
-        index = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
-        for mine, theirs in zip(self.layers, window.layers, strict=True):
-            if isinstance(mine, KVCache):
-                mine.keys[index], mine.values[index] = theirs.keys, theirs.values
-            else:
-                mine.fast[index], mine.conv[index] = theirs.fast, theirs.conv
-        self.lengths[index] = window.lengths
-
     def write_row(self, row: int, window: WindowCache, source: int = 0) -> None:
         """Overwrite one row of this batch with row `source` of `window`, in place."""
         for mine, theirs in zip(self.layers, window.layers, strict=True):
