@@ -20,7 +20,8 @@ system-deps:
 	@command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubectl; }
 
 # One torch thread unless set: the shipped model's ops are too small to split (a decode step 0.85 ms
-# on one thread, 0.91 on two, on 2 cores), and then the server's threads share a core (cpu_affinity).
+# on one thread, 0.91 on two, on 2 cores: a throwaway timing), and then the server's threads share a
+# core (cpu_affinity).
 serve: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/sleepserve serve --checkpoint $(CHECKPOINT)
 

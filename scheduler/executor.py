@@ -666,7 +666,7 @@ class SleepExecutor:
                 need = max(need, _ratio(row_work, _PACE_TARGET * (row.job.deadline - now)))
                 work = max(work, row_work)
         queued = self._queue.snapshot() if len(self._queue) else []  # most steps: none
-        equal = Counter(job.tokens for job in queued) if queued else Counter()
+        equal = Counter(job.tokens for job in queued)
         for job in queued:
             rows = min(equal[job.tokens], self.max_batch)
             passes = job.passes or self.policy.min_passes

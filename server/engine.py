@@ -141,6 +141,15 @@ class RequestHandle:
                 return
 
 
+@dataclass
+class PendingSleep:
+    """A submitted consolidation: its job (whose deadline the engine moves as the session nears its
+    boundary) and the future of its result."""
+
+    job: ConsolidationJob
+    future: concurrent.futures.Future[SleepResult]
+
+
 @dataclass(eq=False)
 class Sequence:
     """A request inside the engine."""
@@ -164,8 +173,7 @@ class Sequence:
     last_token_at: float = 0.0
     # Background sleep (with an executor): the pending consolidation of the tail's first chunk, and
     # since when the sequence has been waiting at a boundary for it.
-    sleep: concurrent.futures.Future[SleepResult] | None = None
-    sleep_job: ConsolidationJob | None = None  # the job of `sleep`
+    sleep: PendingSleep | None = None
     blocked_since: float | None = None
 
     @property
@@ -324,8 +332,7 @@ class Engine:
     def step(self) -> None:
         """One iteration: aborts and timeouts, admission, finished sleeps, one prefill slice, one batched
         decode step."""
-        started, self._crossed, self._slept = time.perf_counter(), False, False
-        self._step_started = started
+        self._step_started, self._crossed, self._slept = time.perf_counter(), False, False
         now = time.monotonic()
         with self._wake:
             aborted, self._aborted = self._aborted, set()
@@ -341,8 +348,8 @@ class Engine:
         self._update_gauges()
         self._sleep_turn()  # where no decode step had it
         if fed or self._crossed:
-            self._step_seconds[self._crossed].observe(time.perf_counter() - started)
-        blocked = [s.sleep for s in self.running if s.blocked_since is not None and s.sleep is not None]
+            self._step_seconds[self._crossed].observe(time.perf_counter() - self._step_started)
+        blocked = [s.sleep.future for s in self.running if s.blocked_since is not None and s.sleep]
         if not fed and blocked:  # everyone waits for a sleep: wait with them instead of spinning
             assert self.executor is not None
             self.executor.wait(blocked, timeout=0.05)
@@ -405,7 +412,7 @@ class Engine:
             room = self._advance(seq, [seq.pending.pop(0)], logits[row, -1])
             if not room:
                 at_boundary.append(seq)
-            elif seq.sleep_job is not None and room & (room - 1) == 0:
+            elif seq.sleep is not None and room & (room - 1) == 0:
                 self._refresh_deadline(seq, room)
             if seq.finish_reason is None:
                 self._sample(seq)
@@ -496,15 +503,14 @@ class Engine:
         ready = []
         for seq in crossing:
             assert seq.sleep is not None
-            if seq.sleep.done():
+            if seq.sleep.future.done():
                 ready.append(seq)
             else:  # the sleep is not done: this sequence (alone) waits for it, from now on
                 seq.blocked_since = time.monotonic()
                 # A decode stall: the sleep was due now, a missed deadline. (A prompt's boundaries
                 # come a piece per step, faster than a deadline at the decode rate: not counted.)
                 if seq.generated:
-                    assert seq.sleep_job is not None
-                    self.executor.reschedule(seq.sleep_job, self._decode_clock())
+                    self.executor.reschedule(seq.sleep.job, self._decode_clock())
         self._cross(ready)
 
     def _consolidate_inline(self, seq: Sequence) -> None:
@@ -539,7 +545,7 @@ class Engine:
                 ConsolidationJob(seq.id, state.tail[:n_tokens], list(state.memory), self.passes, deadline)
             )
         for seq, job, future in zip(seqs, jobs, self.executor.submit_all(jobs), strict=True):
-            seq.sleep, seq.sleep_job = future, job
+            seq.sleep = PendingSleep(job, future)
 
     def _refresh_deadline(self, seq: Sequence, room: int) -> None:
         """Set the deadline of a decoding sequence's pending sleep anew from the `room` left before its
@@ -547,16 +553,18 @@ class Engine:
         steps), and a plan that is late makes the session wait there, one that is early counts a miss
         nobody waited for. Called when the room is a power of two (16, 8, 4, 2, 1 tokens): it closes
         in at a few reschedules per window."""
-        assert self.executor is not None and seq.sleep is not None and seq.sleep_job is not None
-        if not seq.sleep.done():
+        assert self.executor is not None and seq.sleep is not None
+        if not seq.sleep.future.done():
             now = self._decode_clock()
             deadline = sleep_deadline(self.model.config.schedule, now, room, self._rate.rate)
-            self.executor.reschedule(seq.sleep_job, deadline)
+            self.executor.reschedule(seq.sleep.job, deadline)
 
     def _collect_sleeps(self) -> None:
         """Let the sequences that wait at a boundary for their sleep go on once it is done."""
         done = [
-            s for s in self.running if s.blocked_since is not None and s.sleep is not None and s.sleep.done()
+            s
+            for s in self.running
+            if s.blocked_since is not None and s.sleep is not None and s.sleep.future.done()
         ]
         for seq in done:
             self._unblock(seq)
@@ -582,7 +590,7 @@ class Engine:
         assert self.executor is not None
         for seq in seqs:
             assert seq.sleep is not None
-            result, seq.sleep, seq.sleep_job = self.executor.result(seq.sleep), None, None
+            result, seq.sleep = self.executor.result(seq.sleep.future), None
             state = seq.state
             n_tokens = state.prev_len if lagged else len(state.tail)
             apply_sleep(state, result.memory, n_tokens, result.passes, result.seconds)
@@ -695,7 +703,7 @@ class Engine:
         if seq.sleep is not None:  # the stored state does not need it: the next request sleeps anew
             assert self.executor is not None
             self.executor.cancel_session(seq.id)
-            seq.sleep = seq.sleep_job = None
+            seq.sleep = None
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
