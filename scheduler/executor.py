@@ -37,7 +37,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -319,6 +319,7 @@ class SleepExecutor:
         self._queue = JobQueue()
         self._futures: dict[int, Future[SleepResult]] = {}
         self._running: dict[int, ConsolidationJob] = {}
+        self._cancelled: set[int] = set()  # running jobs whose session no longer wants them
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [
@@ -400,14 +401,18 @@ class SleepExecutor:
             self._queue.reschedule(job)
 
     def cancel_session(self, session: str) -> int:
-        """Drop the queued jobs of `session` (their futures are cancelled); a running one finishes.
-        Returns how many were dropped."""
+        """Drop the jobs of `session`: the queued ones are cancelled with their futures; a running one
+        ends as a cancelled future, not as a sleep (no result, no miss: nobody waits for it), at the
+        end of its batch, or interleaved, of the pass under way (at once when no other row is left in
+        the rolling batch). Returns how many were dropped."""
         with self._cond:
             jobs = self._queue.cancel(session)
             for job in jobs:
                 self._futures.pop(job.id).cancel()
+            running = [job.id for job in self._running.values() if job.session == session]
+            self._cancelled.update(running)
             self._set_depth()
-        return len(jobs)
+        return len(jobs) + len(running)
 
     def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
         """Stop taking jobs; the workers finish the queued ones (or cancel them) and exit."""
@@ -420,11 +425,7 @@ class SleepExecutor:
             self._cond.notify_all()
         if self.interleaved:  # the caller's thread is the worker: finish the jobs, or drop them
             if cancel_pending and self._rolling is not None:
-                rows, self._rolling = self._rolling.rows, None
-                self._release([row.job for row in rows])
-                self._fail(
-                    [(row.job, row.future) for row in rows], RuntimeError("the sleep executor is shut down")
-                )
+                self._drop_rolling(RuntimeError("the sleep executor is shut down"))
             while wait and self._run_slice() is not None:
                 pass
         if wait:
@@ -580,14 +581,20 @@ class SleepExecutor:
         rolling batch teaches it pass by pass). The policy hears how many finished and whether any was
         late (one miss)."""
         jobs = [job for job, _ in items]
+        if self.policy is not None and rows is None:
+            assert jobs[0].passes is not None
+            self.policy.observe(jobs[0].tokens, jobs[0].passes, seconds[0], len(jobs))
+        wanted = [job.id not in self._cancelled for job in jobs]
         finished = self.now()
-        missed = [finished > job.deadline for job in jobs]
-        if self.policy is not None:
-            if rows is None:
-                assert jobs[0].passes is not None
-                self.policy.observe(jobs[0].tokens, jobs[0].passes, seconds[0], len(jobs))
-            self.policy.record(len(jobs), any(missed))
-        for b, ((job, future), late, spent) in enumerate(zip(items, missed, seconds, strict=True)):
+        missed = [want and finished > job.deadline for job, want in zip(jobs, wanted, strict=True)]
+        if self.policy is not None and any(wanted):
+            self.policy.record(sum(wanted), any(missed))
+        for b, ((job, future), want, late, spent) in enumerate(
+            zip(items, wanted, missed, seconds, strict=True)
+        ):
+            if not want:
+                future.set_exception(CancelledError(f"session {job.session} ended before its sleep"))
+                continue
             passes = job.passes
             assert passes is not None
             if self.metrics is not None:
@@ -620,6 +627,7 @@ class SleepExecutor:
         with a worker, nothing (it runs on its own)."""
         if not self.interleaved:
             return
+        self._drop_cancelled()
         if self._rolling is None and not len(self._queue):  # most steps of a quiet server
             self._credit = 0.0
             return
@@ -662,6 +670,8 @@ class SleepExecutor:
         if rolling is not None:
             into = rolling.done / rolling.count  # of the pass under way
             for row in rolling.rows:
+                if row.job.id in self._cancelled:
+                    continue
                 row_work = (row.passes_left - into) * rolling.per_pass
                 need = max(need, _ratio(row_work, _PACE_TARGET * (row.job.deadline - now)))
                 work = max(work, row_work)
@@ -680,6 +690,7 @@ class SleepExecutor:
         jobs join, and the next pass starts; with no pass under way, a new rolling batch starts, unless
         (`hold`) its earliest job is held back for equal ones (`_holding`). Returns the slice's
         seconds, None if nothing ran."""
+        self._drop_cancelled()
         if self._rolling is None and ((hold and self._holding()) or not self._roll()):
             return None
         rolling = self._rolling
@@ -695,9 +706,7 @@ class SleepExecutor:
         spent = time.perf_counter() - start
         self._slept += spent
         if failed is not None:  # a failing pass fails every row, as a failing batch does
-            self._rolling = None
-            self._release([row.job for row in rolling.rows])
-            self._fail([(row.job, row.future) for row in rolling.rows], failed)
+            self._drop_rolling(failed)
             return spent
         rolling.done, rolling.seconds = rolling.done + 1, rolling.seconds + spent
         if ended is not None:
@@ -714,7 +723,9 @@ class SleepExecutor:
         for row in rolling.rows:
             row.passes_left -= 1
             row.seconds += rolling.seconds
-        finished = [b for b, row in enumerate(rolling.rows) if row.passes_left == 0]
+        finished = [  # and cancelled: _publish drops them
+            b for b, row in enumerate(rolling.rows) if row.passes_left == 0 or row.job.id in self._cancelled
+        ]
         if finished:
             done = [rolling.rows[b] for b in finished]
             items = [(row.job, row.future) for row in done]
@@ -722,7 +733,7 @@ class SleepExecutor:
                 items, [m[finished] for m in fast], [row.seconds for row in done], len(rolling.rows)
             )
             self._release([row.job for row in done])
-        keep = [b for b, row in enumerate(rolling.rows) if row.passes_left > 0]
+        keep = [b for b in range(len(rolling.rows)) if b not in finished]
         rolling.rows = [rolling.rows[b] for b in keep]
         rolling.h, rolling.fast = (h[keep], [m[keep] for m in fast]) if finished else (h, fast)
         if not rolling.rows:  # the next batch starts at the next slice, which may hold it back
@@ -730,6 +741,19 @@ class SleepExecutor:
             self._credit = max(self._credit, 0.0)  # no debt: the next sleep starts on its own pace
             return
         self._roll()
+
+    def _drop_cancelled(self) -> None:
+        """Drop the rolling batch if every session of it ended (a partly cancelled one goes on: its
+        cancelled rows leave at the end of the pass under way, `_end_pass`)."""
+        if self._rolling is not None and all(row.job.id in self._cancelled for row in self._rolling.rows):
+            self._drop_rolling(CancelledError("every session of the rolling batch ended before its sleep"))
+
+    def _drop_rolling(self, exc: BaseException) -> None:
+        """End the rolling batch now, its rows' futures with `exc`."""
+        assert self._rolling is not None
+        rows, self._rolling = self._rolling.rows, None
+        self._release([row.job for row in rows])
+        self._fail([(row.job, row.future) for row in rows], exc)
 
     def _holding(self) -> bool:
         """Interleaved, before a new rolling batch: whether its earliest job waits for equal ones
@@ -802,6 +826,7 @@ class SleepExecutor:
         with self._cond:
             for job in jobs:
                 self._running.pop(job.id, None)
+                self._cancelled.discard(job.id)
 
 
 def _ratio(work: float, time_left: float) -> float:

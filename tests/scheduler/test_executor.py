@@ -7,6 +7,7 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,27 @@ def test_cancel_session_and_shutdown(model: HybridLM) -> None:
     assert first.done() and queued[1].result(timeout=0).session == "s2"
     with pytest.raises(RuntimeError):
         executor.submit(random_job(model, 3))
+
+
+def test_a_running_job_of_a_cancelled_session_ends_cancelled_not_as_a_sleep(model: HybridLM) -> None:
+    """A session that ends while its sleep runs does not want it: the job's future ends cancelled, and
+    neither the sleep nor its missed deadline (nobody waits for it) is counted."""
+    metrics = Metrics()
+    gated = GatedModel(model)
+    executor = SleepExecutor(gated, metrics=metrics)  # type: ignore[arg-type]
+    try:
+        running = executor.submit(random_job(model, 0, deadline=time.monotonic()))  # due at once
+        assert gated.started.wait(10)
+        assert executor.cancel_session("s0") == 1
+        gated.release.set()
+        with pytest.raises(CancelledError):
+            running.result(timeout=30)
+        assert executor.submit(random_job(model, 1)).result(timeout=30).passes == 2  # still serving
+    finally:
+        gated.release.set()
+        executor.shutdown()
+    assert sample(metrics, "sleepserve_sleep_passes_count") == 1
+    assert sample(metrics, "sleepserve_sleep_deadline_misses_total") == 0
 
 
 def test_a_failing_sleep_fails_its_future(model: HybridLM) -> None:
@@ -399,6 +421,38 @@ def test_interleaved_shutdown_finishes_or_fails_the_batch_in_progress(model: Hyb
         SleepExecutor(model, isolation="interleaved")
     with pytest.raises(ValueError, match="share"):
         interleaved(model, share=1.0)
+
+
+def test_interleaved_cancelled_rows_leave_the_rolling_batch(model: HybridLM) -> None:
+    """Interleaved, a row whose session ended leaves the rolling batch at the end of the pass under way
+    (the others go on, and equal their jobs run alone); a batch left with cancelled rows only is
+    dropped before its next slice, and nothing of it is counted."""
+    metrics = Metrics()
+    executor = interleaved(model, metrics=metrics)
+    try:
+        kept, dropped = executor.submit_all(
+            [random_job(model, 71, passes=3), random_job(model, 72, passes=3)]
+        )
+        executor.run_interleaved(busy=1e-9)  # one slice of their first pass
+        assert executor.cancel_session("s72") == 1
+        executor.wait([kept], timeout=30)
+        assert kept.result(timeout=0).batch_size == 1  # alone at its last pass
+        for got, want in zip(kept.result().memory, direct(model, random_job(model, 71), 3), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        with pytest.raises(CancelledError):
+            dropped.result(timeout=0)
+
+        gone = executor.submit(random_job(model, 73, passes=4, deadline=time.monotonic()))
+        executor.run_interleaved(busy=1e-9)
+        assert gone.running() and executor.cancel_session("s73") == 1
+        executor.run_interleaved(busy=1.0)  # no slice of it runs: the batch is dropped
+        with pytest.raises(CancelledError):
+            gone.result(timeout=0)
+        assert executor._rolling is None
+    finally:
+        executor.shutdown()
+    assert sample(metrics, "sleepserve_sleep_passes_count") == 1
+    assert sample(metrics, "sleepserve_sleep_deadline_misses_total") == 0
 
 
 def test_a_job_rescheduled_to_now_runs_first_and_counts_a_missed_deadline(model: HybridLM) -> None:

@@ -348,3 +348,42 @@ async def test_a_session_that_waits_for_its_sleep_counts_a_missed_deadline(monke
     assert text == TOKENIZER.decode(out)
     assert (metrics.sleep_deadline_misses._value.get() >= 1) is counted
     assert (metrics.decode_stall._sum.get() > 0) is counted
+
+
+async def test_a_sleep_in_flight_when_its_request_ends_is_dropped_not_finished_later():
+    """Interleaved, a lagged request that ends while its sleep runs drops it: the next request does not
+    run the rest of it (the decode thread idled meanwhile, so it would finish long past its deadline,
+    a miss nobody waited for) and no sleep but those swapped into sessions is counted."""
+    model = tiny_model("lagged")
+    metrics = Metrics()
+    policy = DepthPolicy(1, 8)
+    for rows in (1, 8):
+        policy.seed(8, 0.05, rows)  # passes planned slow: the pace runs slices at every step
+    executor = SleepExecutor(model, metrics=metrics, isolation="interleaved", policy=policy)
+    engine = Engine(model, passes=8, metrics=metrics, executor=executor)
+    in_flight: list[int] = []
+    cancel = executor.cancel_session
+
+    def recording(session: str) -> int:
+        in_flight.extend(job.id for job in executor._running.values() if job.session == session)
+        return cancel(session)
+
+    executor.cancel_session = recording  # type: ignore[method-assign]
+    engine.start()
+    try:
+        params = greedy(7, stop_tokens=frozenset())  # "wait:" and 3 tokens fill the window (8): 4 more
+        _, first = await collect(
+            engine.submit(EngineRequest(new_state(model), TOKENIZER.encode("wait:"), params))
+        )
+        assert in_flight, "the first request's sleep was not running when it ended"
+        await asyncio.sleep(0.2)  # the decode thread idles
+        params = greedy(30, stop_tokens=frozenset())
+        _, second = await collect(
+            engine.submit(EngineRequest(new_state(model), TOKENIZER.encode("wait:"), params))
+        )
+    finally:
+        await engine.shutdown(grace=0)
+    swapped_in = (first.stats.sleep_passes + second.stats.sleep_passes) // 8
+    assert swapped_in >= 2
+    assert metrics.sleep_passes._sum.get() == 8 * swapped_in
+    assert metrics.sleep_deadline_misses._value.get() == 0
