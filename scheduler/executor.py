@@ -392,13 +392,17 @@ class SleepExecutor:
         return futures
 
     def reschedule(self, job: ConsolidationJob, deadline: float) -> None:
-        """`job` is due at `deadline` from now on (on `now`'s clock): a closer estimate of when its
-        session needs it, or now, when the session waits for it, which counts as a missed deadline
-        when it ends (and makes the policy shallower). It takes its place in the EDF queue, and
-        interleaved, the pace follows it."""
+        """`job` is due at `deadline` from now on (on `now`'s clock), a closer estimate of when its
+        session needs it: it takes its place in the EDF queue, and interleaved, the pace follows it."""
         with self._cond:
             job.deadline = deadline
             self._queue.reschedule(job)
+
+    def due_now(self, job: ConsolidationJob) -> None:
+        """Its session waits for `job`: it is due now and late when it ends, a missed deadline (which
+        makes the policy shallower), whether its deadline was an estimate or not."""
+        job.deadline_estimated = False
+        self.reschedule(job, self.now())
 
     def cancel_session(self, session: str) -> int:
         """Drop the jobs of `session`: the queued ones are cancelled with their futures; a running one
@@ -586,7 +590,10 @@ class SleepExecutor:
             self.policy.observe(jobs[0].tokens, jobs[0].passes, seconds[0], len(jobs))
         wanted = [job.id not in self._cancelled for job in jobs]
         finished = self.now()
-        missed = [want and finished > job.deadline for job, want in zip(jobs, wanted, strict=True)]
+        missed = [
+            want and not job.deadline_estimated and finished > job.deadline
+            for job, want in zip(jobs, wanted, strict=True)
+        ]
         if self.policy is not None and any(wanted):
             self.policy.record(sum(wanted), any(missed))
         for b, ((job, future), want, late, spent) in enumerate(

@@ -510,7 +510,7 @@ class Engine:
                 # A decode stall: the sleep was due now, a missed deadline. (A prompt's boundaries
                 # come a piece per step, faster than a deadline at the decode rate: not counted.)
                 if seq.generated:
-                    self.executor.reschedule(seq.sleep.job, self._decode_clock())
+                    self.executor.due_now(seq.sleep.job)
         self._cross(ready)
 
     def _consolidate_inline(self, seq: Sequence) -> None:
@@ -535,24 +535,25 @@ class Engine:
             return
         assert self.executor is not None
         model, now, jobs = self.model, self._decode_clock(), []
+        lagged = model.config.schedule == "lagged"
         for seq in seqs:
             state = seq.state
-            n_tokens = state.prev_len if model.config.schedule == "lagged" else len(state.tail)
+            n_tokens = state.prev_len if lagged else len(state.tail)
             deadline = sleep_deadline(
                 model.config.schedule, now, room_in_chunk(model, state), self._rate.rate
             )
-            jobs.append(
-                ConsolidationJob(seq.id, state.tail[:n_tokens], list(state.memory), self.passes, deadline)
-            )
+            job = ConsolidationJob(seq.id, state.tail[:n_tokens], list(state.memory), self.passes, deadline)
+            job.deadline_estimated = lagged  # the next boundary, tokens away: _consolidate knows
+            jobs.append(job)
         for seq, job, future in zip(seqs, jobs, self.executor.submit_all(jobs), strict=True):
             seq.sleep = PendingSleep(job, future)
 
     def _refresh_deadline(self, seq: Sequence, room: int) -> None:
         """Set the deadline of a decoding sequence's pending sleep anew from the `room` left before its
         boundary: the decode rate it was planned with drifts (a sleep that starts or ends changes the
-        steps), and a plan that is late makes the session wait there, one that is early counts a miss
-        nobody waited for. Called when the room is a power of two (16, 8, 4, 2, 1 tokens): it closes
-        in at a few reschedules per window."""
+        steps), and a plan that is late paces the sleep too slowly, so the session waits there; one
+        that is early, too fast. Called when the room is a power of two (16, 8, 4, 2, 1 tokens): it
+        closes in at a few reschedules per window."""
         assert self.executor is not None and seq.sleep is not None
         if not seq.sleep.future.done():
             now = self._decode_clock()

@@ -475,6 +475,27 @@ def test_a_job_rescheduled_to_now_runs_first_and_counts_a_missed_deadline(model:
     assert sample(metrics, "sleepserve_sleep_deadline_misses_total") == 1
 
 
+def test_an_estimated_deadline_counts_a_miss_only_when_the_session_waits(model: HybridLM) -> None:
+    """A lagged session's deadline is its next boundary, tokens away, estimated in time: a sleep that
+    ends after the estimate but before its session needs it missed nothing; one its session waits for
+    (`due_now`) missed its deadline, whatever the estimate."""
+    metrics = Metrics()
+    executor = interleaved(model, metrics=metrics)
+    try:
+        passed = random_job(model, 101, deadline=time.monotonic() - 1.0, deadline_estimated=True)
+        waited_for = random_job(
+            model, 102, tokens=5, deadline=time.monotonic() + 60.0, deadline_estimated=True
+        )
+        first, second = executor.submit_all([passed, waited_for])
+        executor.wait([first], timeout=30)
+        executor.due_now(waited_for)
+        executor.wait([second], timeout=30)
+    finally:
+        executor.shutdown()
+    assert not first.result().deadline_missed and second.result().deadline_missed
+    assert sample(metrics, "sleepserve_sleep_deadline_misses_total") == 1
+
+
 def test_interleaved_holds_a_new_batch_briefly_for_equal_jobs(model: HybridLM) -> None:
     """With `batch_wait`, the decode thread's turn does not start a batch for a lone job with slack:
     sessions crossing their boundaries a few steps apart then sleep their passes together. A full
