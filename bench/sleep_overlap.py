@@ -7,15 +7,19 @@ against four servers, measured from the client side (the streaming harness of be
 - lagged-scheduled: `lagged`, adaptive N in [1, max] by the scheduler (nobody waits)
 
 The model is the shipped checkpoint's config with random weights: latency depends on the shapes, not
-the weights. A p99 over one short run moves by a third from run to run on a small machine, so the systems
-are measured in `--rounds` interleaved rounds (a fresh server each time) and the percentiles are taken
-over the pooled samples of all rounds; each round's own p99 is kept beside them, and so are each server's
-mean engine iteration apart and at a window boundary (its `sleepserve_engine_step_seconds`) and its mean
-hand-off of outputs to the event loop (`sleepserve_output_handoff_seconds`). `--sleep-worker` picks
+the weights. Each system's server is measured warm, as in production: the four start once, each runs one
+round that is not counted, then `--rounds` measured rounds of every system in turn (in reverse order
+every other round), each round's server counters taken as their change over it. (A fresh server per
+round hid work that a request left behind for the next ones: a sleep that went on after its session
+ended.) A p99 over one short round moves by a third from round to round on a small, shared machine, so
+the percentiles are taken over the pooled samples of all rounds; each round's own p99 is kept beside
+them, and so are each server's mean engine iteration apart and at a window boundary (its
+`sleepserve_engine_step_seconds`) and its mean hand-off of outputs to the event loop
+(`sleepserve_output_handoff_seconds`). `--sleep-worker` picks
 where the scheduled systems sleep (default `auto`: interleaved on CPU); with `process`, `--sleeper-nice`
 runs their sleeper process that much below the server; interleaved, `--sleep-share` is the share of the
 decode thread their N is planned for (the server's default unless given). Writes
-bench/results/sleep_overlap.json and a PNG of inter-token latency over time (the first round) with each
+bench/results/sleep_overlap.json and a PNG of inter-token latency over time (the first measured round) with each
 stream's window boundaries marked.
 
     python -m bench.sleep_overlap
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import tempfile
@@ -127,31 +132,33 @@ def server_means(rounds: list[dict]) -> dict[str, float]:
     }
 
 
-def measure(
-    name: str, flags: list[str], checkpoint: Path, streams: int, tokens: int, log_dir: Path, threads: int
-) -> dict:
-    """One round of one system: a fresh server, `streams` concurrent streams of `tokens` tokens."""
-    server_args, env = ["--checkpoint", str(checkpoint), *flags], {"OMP_NUM_THREADS": str(threads)}
-    with http_server("server", server_args, log_dir / f"{name}.log", env) as url:
-        config = RequestConfig(
-            base_url=url, num_prompts=streams, max_concurrency=streams, input_len=8, output_len=tokens,
-            ignore_eos=True, label=name, progress=False,
-        )  # fmt: skip
-        result = asyncio.run(run_requests(config))
-        metrics = httpx.get(url + "/metrics").text
+def measure(name: str, url: str, streams: int, tokens: int) -> dict:
+    """One round of one system on its server at `url`: `streams` concurrent streams of `tokens` tokens;
+    the server's counters as their change over the round."""
+    before = httpx.get(url + "/metrics").text
+    config = RequestConfig(
+        base_url=url, num_prompts=streams, max_concurrency=streams, input_len=8, output_len=tokens,
+        ignore_eos=True, label=name, progress=False,
+    )  # fmt: skip
+    result = asyncio.run(run_requests(config))
+    after = httpx.get(url + "/metrics").text
     failures = [r.error for r in result.records if not r.success]
     if failures:
         raise RuntimeError(f"{name}: {len(failures)} requests failed: {failures[0]}")
+
+    def change(metric: str, **labels: str) -> float:
+        return scrape(after, metric, **labels) - scrape(before, metric, **labels)
+
     return {
         "records": result.records,
         "duration_s": result.summary["duration"],
         "itl_p99_ms": result.summary["p99_itl_ms"],
-        "deadline_misses": int(scrape(metrics, "sleepserve_sleep_deadline_misses_total")),
-        "sleeps": scrape(metrics, "sleepserve_sleep_passes_count"),
-        "passes": scrape(metrics, "sleepserve_sleep_passes_sum"),
-        "decode_stall_s": scrape(metrics, "sleepserve_decode_stall_seconds_sum"),
-        "decode_stalls": scrape(metrics, "sleepserve_decode_stall_seconds_count"),
-        **server_times(lambda name, **labels: scrape(metrics, name, **labels)),
+        "deadline_misses": int(change("sleepserve_sleep_deadline_misses_total")),
+        "sleeps": change("sleepserve_sleep_passes_count"),
+        "passes": change("sleepserve_sleep_passes_sum"),
+        "decode_stall_s": change("sleepserve_decode_stall_seconds_sum"),
+        "decode_stalls": change("sleepserve_decode_stall_seconds_count"),
+        **server_times(change),
     }
 
 
@@ -174,7 +181,7 @@ def pool(name: str, flags: list[str], rounds: list[dict]) -> dict:
         "decode_stalls": int(sum(one["decode_stalls"] for one in rounds)),  # times a session waited
         **server_means(rounds),
         "output_tokens_per_s": summary["output_throughput"],
-        "streams": [  # the first round's, for the plot
+        "streams": [  # the first measured round's, for the plot
             {
                 "start_ms": round(r.start_s * 1e3, 3),
                 "ttft_ms": round(r.ttft_s * 1e3, 3),
@@ -261,16 +268,25 @@ def main(argv: list[str] | None = None) -> dict:
         ).items()
     }
     rounds: dict[str, list[dict]] = {name: [] for name in flags}
-    with tempfile.TemporaryDirectory(prefix="sleep-overlap-") as folder:
-        checkpoint = save_random(config, Path(folder) / "model")
-        for i in range(args.rounds):
-            for name in flags:
-                one = measure(
-                    name, flags[name], checkpoint, args.streams, tokens, Path(folder) / "logs", args.threads
+    with tempfile.TemporaryDirectory(prefix="sleep-overlap-") as folder, contextlib.ExitStack() as servers:
+        checkpoint, env = save_random(config, Path(folder) / "model"), {"OMP_NUM_THREADS": str(args.threads)}
+        urls = {
+            name: servers.enter_context(
+                http_server(
+                    "server", ["--checkpoint", str(checkpoint), *f], Path(folder) / f"{name}.log", env
                 )
-                rounds[name].append(one)
+            )
+            for name, f in flags.items()
+        }
+        for i in range(args.rounds + 1):  # round 0 warms the servers up
+            for name in list(flags) if i % 2 else list(flags)[::-1]:
+                one = measure(name, urls[name], args.streams, tokens)
+                if i:
+                    rounds[name].append(one)
                 print(
-                    f"round {i + 1}/{args.rounds} {name:>17}: ITL p99 {one['itl_p99_ms']:6.2f} ms", flush=True
+                    f"round {i}/{args.rounds} {name:>17}: ITL p99 {one['itl_p99_ms']:6.2f} ms"
+                    + ("" if i else " (warm-up, not counted)"),
+                    flush=True,
                 )
     rows = [pool(name, flags[name], rounds[name]) for name in flags]
     for row in rows:

@@ -45,3 +45,32 @@ def test_server_means_pool_the_rounds() -> None:
     assert means["handoff_share_slow"] == pytest.approx(0.05)
     quiet = server_means([idle])
     assert quiet["step_ms_crossed"] == quiet["handoff_ms_mean"] == 0.0  # nothing counted: no division
+
+
+def test_the_benchmark_end_to_end_counts_each_measured_round_alone(tmp_path) -> None:
+    """Four real servers, a warm-up round, then 2 measured rounds of 2 streams across 6 boundaries: each
+    system's counters are those of its measured rounds only (the warm-up's are not in them), the
+    report has every system and floor, and the plot is written."""
+    from bench.sleep_overlap import main
+
+    out = tmp_path / "sleep_overlap.json"
+    report = main(["--rounds", "2", "--streams", "2", "--boundaries", "6", "--out", str(out)])
+    rows = {row["name"]: row for row in report["systems"]}
+    assert list(rows) == ["no-sleep", "hard-sync", "hard-scheduled", "lagged-scheduled"]
+    crossings = 2 * 2 * 7  # rounds × streams × boundaries crossed (6, then the last window's)
+    for name in ("no-sleep", "hard-sync", "hard-scheduled"):  # hard: a sleep at every crossing
+        assert rows[name]["sleeps"] == crossings, name
+        assert len(rows[name]["itl_p99_ms_rounds"]) == 2
+    # lagged sleeps on the chunk before, so one fewer a stream, and the last one may end with its
+    # request (dropped, not counted) or before it.
+    assert crossings - 2 * 2 <= rows["lagged-scheduled"]["sleeps"] <= crossings
+    assert (
+        rows["lagged-scheduled"]["decode_stalls"] == 0
+        and rows["hard-scheduled"]["decode_stalls"] == crossings
+    )
+    assert set(report["floors"]) == {
+        "lagged_p99_within_1.25x_of_no_sleep",
+        "lagged_zero_deadline_misses",
+        "lagged_mean_passes_at_least_3",
+    }
+    assert out.with_suffix(".png").stat().st_size > 0
