@@ -6,10 +6,12 @@ reaches its request's asyncio queue, and each gap is spread over the tokens it c
 harness spreads its chunks (`bench.stats.spread_itl`), so the numbers compare with sleep_overlap's.
 
 Systems: sleep_overlap's no-sleep (`hard`, N = 1) and lagged-scheduled (`lagged`, adaptive N), from its
-serve flags, on the CPUs `sleepserve serve` would run them on (`--cpu-affinity auto`); interleaved
-rounds, percentiles over the pooled gaps, the engine's mean iteration apart and at a window boundary
-(`sleepserve_engine_step_seconds{boundary}`) and the mean hand-off of outputs to the event loop
-(`sleepserve_output_handoff_seconds`). Writes bench/results/engine_itl.json.
+serve flags, on the CPUs `sleepserve serve` would run them on (`--cpu-affinity auto`); warm, like
+sleep_overlap's servers: both engines built once, one round each not counted, then interleaved rounds
+(each round's counters their change over it); percentiles over the pooled gaps, the engine's mean
+iteration apart and at a window boundary (`sleepserve_engine_step_seconds{boundary}`) and the mean
+hand-off of outputs to the event loop (`sleepserve_output_handoff_seconds`). Writes
+bench/results/engine_itl.json.
 
 `--weights`: `random` (default, as sleep_overlap; its lagged construction `--lagged-construction`) or
 `checkpoint` (the shipped model, or the one in `--checkpoint`). The weights do
@@ -45,9 +47,8 @@ from model.hybrid import HybridLM
 from model.session import new_state
 from model.tokenizer import ByteTokenizer
 from server.cli import server_cpus, settings_from_args
-from server.context import build_server
+from server.context import Server, build_server
 from server.engine import Engine, EngineRequest, SamplingParams
-from server.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKENIZER = ByteTokenizer()
@@ -84,28 +85,58 @@ def load_model(source: str, schedule: str, construction: str | None = None) -> H
     return HybridLM(random_model_config(construction).replace(schedule=schedule)).eval()
 
 
-async def measure(model: HybridLM, settings: Settings, streams: int, tokens: int) -> dict:
-    """One round of one system on `model`: a fresh engine (and sleeper), `streams` concurrent streams."""
-    server = build_server(settings, model)
-    gc.collect()
-    gc.freeze()  # as the app does before it starts the engine
-    server.engine.start()
-    try:
-        gaps = await asyncio.gather(*(stream(server.engine, model, i, tokens) for i in range(streams)))
-    finally:
-        await server.engine.shutdown(grace=0)
-        gc.unfreeze()
+def samples(server: Server) -> dict[tuple[str, frozenset], float]:
+    """Every sample of the server's metrics, by name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for metric in server.metrics.registry.collect()
+        for sample in metric.samples
+    }
 
-    def total(name: str, **labels: str) -> float:
-        return server.metrics.registry.get_sample_value(name, labels) or 0.0
+
+async def measure(server: Server, model: HybridLM, streams: int, tokens: int) -> dict:
+    """One round of one system on its running engine: `streams` concurrent streams; the server's
+    counters as their change over the round."""
+    before = samples(server)
+    gaps = await asyncio.gather(*(stream(server.engine, model, i, tokens) for i in range(streams)))
+    after = samples(server)
+
+    def change(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
 
     return {
         "itl_ms": [gap * 1e3 for one in gaps for gap in one],
-        "sleeps": total("sleepserve_sleep_passes_count"),
-        "passes": total("sleepserve_sleep_passes_sum"),
-        "deadline_misses": int(total("sleepserve_sleep_deadline_misses_total")),
-        **server_times(total),
+        "sleeps": change("sleepserve_sleep_passes_count"),
+        "passes": change("sleepserve_sleep_passes_sum"),
+        "deadline_misses": int(change("sleepserve_sleep_deadline_misses_total")),
+        **server_times(change),
     }
+
+
+async def measure_rounds(
+    servers: dict[str, tuple[Server, HybridLM]], rounds: int, streams: int, tokens: int
+) -> dict[str, list[dict]]:
+    """Start the engines, run one round of each that is not counted, then `rounds` rounds of every
+    system in turn (in reverse order every other round); stop them."""
+    gc.collect()
+    gc.freeze()  # as the app does before it starts the engine
+    for server, _ in servers.values():
+        server.engine.start()
+    measured: dict[str, list[dict]] = {name: [] for name in servers}
+    try:
+        for i in range(rounds + 1):  # round 0 warms the engines up
+            for name in list(servers) if i % 2 else list(servers)[::-1]:
+                one = await measure(*servers[name], streams, tokens)
+                if i:
+                    measured[name].append(one)
+                p99 = np.percentile(one["itl_ms"], 99)
+                print(f"round {i}/{rounds} {name:>17}: ITL p99 {p99:6.2f} ms" + ("" if i else " (warm-up)"))
+    finally:
+        for server, _ in servers.values():
+            await server.engine.shutdown(grace=0)
+        gc.unfreeze()
+    return measured
 
 
 def pool(name: str, rounds: list[dict]) -> dict:
@@ -118,6 +149,7 @@ def pool(name: str, rounds: list[dict]) -> dict:
         "itl_p99_ms_rounds": [float(np.percentile(one["itl_ms"], 99)) for one in rounds],
         "deadline_misses": sum(one["deadline_misses"] for one in rounds),
         "mean_passes": sum(one["passes"] for one in rounds) / sleeps if sleeps else 0.0,
+        "sleeps": int(sleeps),
         **server_means(rounds),
     }
 
@@ -139,18 +171,15 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {name: settings_from_args(flags[name]) for name in SYSTEMS}
     allowed = os.sched_getaffinity(0)
     cpus = server_cpus(settings["lagged-scheduled"], allowed, torch.get_num_threads())
-    rounds: dict[str, list[dict]] = {name: [] for name in SYSTEMS}
     try:
         if cpus is not None:  # where `sleepserve serve` would run these threads (the engine's inherits it)
             os.sched_setaffinity(0, cpus)
-        for i in range(args.rounds):
-            for name in SYSTEMS:
-                assert settings[name].schedule is not None  # every system names its schedule
-                model = load_model(source, settings[name].schedule, args.lagged_construction)
-                one = asyncio.run(measure(model, settings[name], args.streams, tokens))
-                rounds[name].append(one)
-                p99 = np.percentile(one["itl_ms"], 99)
-                print(f"round {i + 1}/{args.rounds} {name:>17}: ITL p99 {p99:6.2f} ms")
+        servers = {}
+        for name in SYSTEMS:
+            assert settings[name].schedule is not None  # every system names its schedule
+            model = load_model(source, settings[name].schedule, args.lagged_construction)
+            servers[name] = (build_server(settings[name], model), model)
+        rounds = asyncio.run(measure_rounds(servers, args.rounds, args.streams, tokens))
     finally:
         os.sched_setaffinity(0, allowed)  # the caller's thread as it was (a test's, say)
     rows = [pool(name, one) for name, one in rounds.items()]

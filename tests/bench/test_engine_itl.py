@@ -16,7 +16,8 @@ from bench import engine_itl
 )
 def test_engine_itl_measures_both_systems(tmp_path, weights, construction, worker) -> None:
     """(The shipped checkpoint's own construction is stale-kv; `auto` sleeps interleaved on CPU.) The
-    caller's thread runs where it did before, whatever CPUs the systems ran on."""
+    counters are the measured round's, and the caller's thread runs where it did before, whatever CPUs
+    the systems ran on."""
     cpus = os.sched_getaffinity(0)
     out = tmp_path / "engine_itl.json"
     args = ["--streams", "2", "--boundaries", "3", "--rounds", "1", "--weights", weights, "--out", str(out)]
@@ -27,6 +28,9 @@ def test_engine_itl_measures_both_systems(tmp_path, weights, construction, worke
     no_sleep, lagged = report["systems"]
     assert [no_sleep["name"], lagged["name"]] == ["no-sleep", "lagged-scheduled"]
     assert no_sleep["mean_passes"] == 1.0 and 1.0 <= lagged["mean_passes"] <= 4.0
+    assert (
+        no_sleep["sleeps"] == 2 * 4
+    )  # the measured round's: 2 streams, 4 crossings each (not the warm-up's)
     for row in (no_sleep, lagged):
         assert 0 < row["itl_p50_ms"] <= row["itl_p99_ms"] and len(row["itl_p99_ms_rounds"]) == 1
         assert row["crossing_steps"] >= 1 and row["step_ms_none"] > 0 and row["step_ms_crossed"] > 0
