@@ -542,9 +542,11 @@ class Engine:
             deadline = sleep_deadline(
                 model.config.schedule, now, room_in_chunk(model, state), self._rate.rate
             )
-            job = ConsolidationJob(seq.id, state.tail[:n_tokens], list(state.memory), self.passes, deadline)
-            job.deadline_estimated = lagged  # the next boundary, tokens away: _consolidate knows
-            jobs.append(job)
+            tail, memory = state.tail[:n_tokens], list(state.memory)
+            # lagged: due at the next boundary, tokens away (_consolidate knows when it comes)
+            jobs.append(
+                ConsolidationJob(seq.id, tail, memory, self.passes, deadline, deadline_estimated=lagged)
+            )
         for seq, job, future in zip(seqs, jobs, self.executor.submit_all(jobs), strict=True):
             seq.sleep = PendingSleep(job, future)
 
