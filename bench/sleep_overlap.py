@@ -15,12 +15,11 @@ ended.) A p99 over one short round moves by a third from round to round on a sma
 the percentiles are taken over the pooled samples of all rounds; each round's own p99 is kept beside
 them, and so are each server's mean engine iteration apart and at a window boundary (its
 `sleepserve_engine_step_seconds`) and its mean hand-off of outputs to the event loop
-(`sleepserve_output_handoff_seconds`). `--sleep-worker` picks
-where the scheduled systems sleep (default `auto`: interleaved on CPU); with `process`, `--sleeper-nice`
-runs their sleeper process that much below the server; interleaved, `--sleep-share` is the share of the
-decode thread their N is planned for (the server's default unless given). Writes
-bench/results/sleep_overlap.json and a PNG of inter-token latency over time (the first measured round) with each
-stream's window boundaries marked.
+(`sleepserve_output_handoff_seconds`). `--sleep-worker` picks where the scheduled systems sleep
+(default `auto`: interleaved on CPU); with `process`, `--sleeper-nice` runs their sleeper process that
+much below the server; interleaved, `--sleep-share` is the share of the decode thread their N is
+planned for (the server's default unless given). Writes bench/results/sleep_overlap.json and a PNG of
+inter-token latency over time (the first measured round) with each stream's window boundaries marked.
 
     python -m bench.sleep_overlap
     python -m bench.sleep_overlap --sleep-share 0.25 --out bench/results/sleep_overlap_share25.json

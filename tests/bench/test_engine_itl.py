@@ -28,9 +28,8 @@ def test_engine_itl_measures_both_systems(tmp_path, weights, construction, worke
     no_sleep, lagged = report["systems"]
     assert [no_sleep["name"], lagged["name"]] == ["no-sleep", "lagged-scheduled"]
     assert no_sleep["mean_passes"] == 1.0 and 1.0 <= lagged["mean_passes"] <= 4.0
-    assert (
-        no_sleep["sleeps"] == 2 * 4
-    )  # the measured round's: 2 streams, 4 crossings each (not the warm-up's)
+    # The measured round's sleeps alone: 2 streams, 4 crossings each (not the warm-up round's too).
+    assert no_sleep["sleeps"] == 2 * 4
     for row in (no_sleep, lagged):
         assert 0 < row["itl_p50_ms"] <= row["itl_p99_ms"] and len(row["itl_p99_ms_rounds"]) == 1
         assert row["crossing_steps"] >= 1 and row["step_ms_none"] > 0 and row["step_ms_crossed"] > 0
