@@ -278,8 +278,9 @@ class SleepExecutor:
     `batch_wait`: how long (seconds, of the real clock) a worker may hold the earliest job back for
     equal jobs to join its batch, as when sessions cross their boundaries a few steps apart; only while
     the job can still finish by its deadline (so never a job due now), and no longer once the batch is
-    full. (Interleaved, it holds back a new rolling batch only, and only while its work fits in
-    `share` of the time to the deadline: `_holding`; later jobs join the batch between passes.)
+    full. (Interleaved, it holds back a new rolling batch only, and only while its work fits in the
+    most a pace may take of the time to the deadline: `_holding`; later jobs join the batch between
+    passes, and take a pass more of it than the rows that started it.)
     """
 
     def __init__(
@@ -307,6 +308,7 @@ class SleepExecutor:
             raise ValueError("interleaved sleep is paced by planned costs: it needs a depth policy")
         self.model, self.max_batch, self.batch_wait, self.clock = model, max_batch, batch_wait, clock
         self.policy, self.metrics, self.share = policy, metrics, share
+        self._most = (1 + share) / 2  # interleaved: the largest share of the thread a pace may take
         self._sleepers: list[LocalSleeper | ProcessSleeper] = []
         if not self.interleaved:
             self._sleepers = [
@@ -464,11 +466,11 @@ class SleepExecutor:
                 return passes
         return chosen
 
-    def _share_deadline(self, deadline: float) -> float:
+    def _share_deadline(self, deadline: float, share: float) -> float:
         """Interleaved: when, on the policy's clock, the work for a job due at `deadline` must be done
         to take `share` of the decode thread's time, i.e. share / (1 - share) of the decode time until
         the deadline (see `now`)."""
-        return self.clock() + self.share / (1 - self.share) * (deadline - self.now())
+        return self.clock() + share / (1 - share) * (deadline - self.now())
 
     def _work_ahead(self, deadline: float) -> float:
         """Planned seconds of queued and running work that runs before a job due at `deadline`. Equal
@@ -534,9 +536,12 @@ class SleepExecutor:
     def _hold_left(self, queued: list[ConsolidationJob], since: float) -> float:
         """Seconds the earliest of `queued` (EDF order) may still wait, `since` it began to, for equal
         jobs to join its batch (at most 0: start it now): up to `batch_wait`, until the batch is full,
-        and only while its work, with theirs, still fits before its deadline (interleaved: in `share`
-        of the decode time to it), so never for a job due now. Equal: of the same shape for a worker's
-        batched sleep, of the same chunk length for the rolling batch (its rows differ in passes)."""
+        and only while its work, with theirs, still fits before its deadline (interleaved: in the most a
+        pace may take of the decode time to it, halfway from `share` to all: a job whose N is more than
+        `share` allows, such as one held at `min_passes`, may wait too, and the few steps it waits
+        cost less than the pass a late row adds), so never for a job due now. Equal: of the same
+        shape for a worker's batched sleep, of the same chunk length for the rolling batch (its rows
+        differ in passes)."""
         first = queued[0]
         key = (lambda job: job.tokens) if self.interleaved else (lambda job: job.shape)
         equal = sum(key(job) == key(first) for job in queued)
@@ -544,7 +549,7 @@ class SleepExecutor:
             return 0.0
         passes = first.passes or (self.policy.min_passes if self.policy else 1)
         cost = self.policy.estimate(first.tokens, passes, equal) if self.policy else 0.0
-        due = self._share_deadline(first.deadline) if self.interleaved else first.deadline
+        due = self._share_deadline(first.deadline, self._most) if self.interleaved else first.deadline
         return min(self.batch_wait - (time.monotonic() - since), due - self.clock() - cost)
 
     def _run(
@@ -689,8 +694,7 @@ class SleepExecutor:
             passes = job.passes or self.policy.min_passes
             work += self.policy.estimate(job.tokens, passes, rows, margin=False) / rows
             need = max(need, _ratio(work, _PACE_TARGET * (job.deadline - now)))
-        most = (1 + self.share) / 2
-        return min(need, most / (1 - most))
+        return min(need, self._most / (1 - self._most))
 
     def _run_slice(self, hold: bool = False) -> float | None:
         """Run the next slice of the pass under way: between passes, rows that are done leave, queued
@@ -724,8 +728,10 @@ class SleepExecutor:
         """A pass over every row is done: publish the rows with no pass left, keep the rest, let
         queued jobs join, start the next pass (or end the rolling batch)."""
         assert self.policy is not None
-        if not rolling.memory_only:  # the policy plans whole passes
-            self.policy.observe(rolling.tokens, 1, rolling.seconds, len(rolling.rows))
+        # Every pass teaches the policy, a sleep's last (memory-only, shorter) one too, as `calibrate`
+        # times a pass: where every sleep takes one pass, the cost would never be learnt otherwise.
+        self.policy.observe(rolling.tokens, 1, rolling.seconds, len(rolling.rows))
+        if not rolling.memory_only:
             rolling.last_pass = rolling.seconds
         for row in rolling.rows:
             row.passes_left -= 1
@@ -798,7 +804,7 @@ class SleepExecutor:
             assert self.policy is not None
             for row in joining:  # planned as passes of a full batch: others may join it and slow it
                 if row.job.passes is None:
-                    due = self._share_deadline(row.job.deadline)
+                    due = self._share_deadline(row.job.deadline, self.share)
                     row.job.passes = self.policy.choose(row.job.tokens, due, 0.0, self.max_batch)
                 row.passes_left = row.job.passes
             try:

@@ -56,9 +56,9 @@ class Settings(BaseSettings):
     idle_worker: Literal["local", "remote"] = "local"
     sleep_stream: str = "sleepserve:sleep-jobs"
     # Seconds a sleep may wait for equal ones to join its batch (sessions crossing their boundaries a
-    # few steps apart), while it still finishes by its deadline (interleaved: within `sleep_share`).
-    # Interleaved, this holds back a new rolling batch only: later jobs join it between passes.
-    sleep_batch_wait: float = Field(0.005, ge=0)
+    # few steps apart), while it still finishes by its deadline (interleaved: at the most its pace may
+    # take). Interleaved, this holds back a new rolling batch only: later jobs join it between passes.
+    sleep_batch_wait: float = Field(0.015, ge=0)
     min_passes: int = Field(1, ge=1)
     max_passes: int = Field(4, ge=1)
     max_waiting: int = Field(256, ge=0)  # requests queued for the batch; past it, 429

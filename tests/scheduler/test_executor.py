@@ -394,6 +394,21 @@ def test_interleaved_depth_per_job_and_a_rolling_batch(model: HybridLM, clock) -
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
+def test_interleaved_learns_the_pass_cost_from_one_pass_sleeps_too(model: HybridLM) -> None:
+    """A sleep's only pass is memory-only (shorter): the policy learns from it all the same, or a
+    server whose sleeps all get N = 1 would plan with its first estimate forever."""
+    policy = RecordingPolicy()
+    executor = SleepExecutor(model, policy=policy, isolation="interleaved")
+    try:
+        futures = executor.submit_all([random_job(model, seed, passes=1) for seed in (71, 72)])
+        executor.wait(futures, timeout=30)
+        assert all(f.result(timeout=0).passes == 1 for f in futures)
+    finally:
+        executor.shutdown()
+    assert policy.observed == [(8, 1, 2)]
+    assert policy.pass_seconds(8, rows=2, margin=False) > 0
+
+
 def test_interleaved_shutdown_finishes_or_fails_the_batch_in_progress(model: HybridLM) -> None:
     executor = interleaved(model)
     running, queued = executor.submit_all([random_job(model, 51, passes=2), random_job(model, 52, tokens=5)])
@@ -527,5 +542,31 @@ def test_interleaved_holds_a_new_batch_briefly_for_equal_jobs(model: HybridLM) -
 
         waited = executor.submit(random_job(model, 96))
         assert executor.result(waited).passes == 2  # no hold for a caller that waits
+    finally:
+        executor.shutdown()
+
+
+def test_interleaved_holds_a_job_deeper_than_its_share_while_the_most_pace_fits(
+    model: HybridLM, clock
+) -> None:
+    """A job whose N costs more than `share` of its slack (one held at `min_passes`, say) still waits
+    for equal jobs while its work fits in the most a pace may take (halfway from `share` to all): a row
+    that joined late would take a pass more. One whose work does not fit even so starts at once."""
+    executor = interleaved(model, clock, share=0.05, max_batch=2, batch_wait=30.0)
+    try:
+        # 2 passes of 1 ms: over `share` of 20 ms (1 ms), within the most (0.525: 22 ms).
+        held = executor.submit(random_job(model, 97, deadline=executor.now() + 0.02))
+        executor.run_interleaved(busy=0.01)
+        assert not held.running()
+        joined = executor.submit(random_job(model, 98, deadline=executor.now() + 0.02))
+        executor.run_interleaved(busy=0.01)  # full: it starts
+        assert held.running()
+        executor.wait([held, joined], timeout=30)
+        assert [f.result(timeout=30).batch_size for f in (held, joined)] == [2, 2]
+
+        tight = executor.submit(random_job(model, 99, deadline=executor.now() + 0.0015))  # 2 ms in 1.65
+        executor.run_interleaved(busy=0.01)
+        assert tight.running() or tight.done()
+        executor.wait([tight], timeout=30)
     finally:
         executor.shutdown()
