@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     lagged = load_model(source, "lagged", args.lagged_construction).config
     tokens = (args.boundaries + 1) * lagged.window
     flags = sleep_overlap.systems(
-        args.passes, args.max_passes, args.sleeper_nice, args.sleep_worker, args.sleep_share
+        args.passes, args.min_passes, args.max_passes, args.sleeper_nice, args.sleep_worker, args.sleep_share
     )
     settings = {name: settings_from_args(flags[name]) for name in SYSTEMS}
     allowed = os.sched_getaffinity(0)
