@@ -280,7 +280,7 @@ class SleepExecutor:
     the job can still finish by its deadline (so never a job due now), and no longer once the batch is
     full. (Interleaved, it holds back a new rolling batch only, and only while its work fits in the
     most a pace may take of the time to the deadline: `_holding`; later jobs join the batch between
-    passes, and take a pass more of it than the rows that started it.)
+    passes, and run on after the rows that started it.)
     """
 
     def __init__(
