@@ -40,7 +40,7 @@ import torch
 from bench import sleep_overlap
 from bench.decode_scaling import machine
 from bench.models import random_model_config
-from bench.sleep_overlap import server_means, server_times, workload_arguments
+from bench.sleep_overlap import rounds_in_turn, server_means, server_times, workload_arguments
 from bench.stats import spread_itl
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from model.hybrid import HybridLM
@@ -125,13 +125,12 @@ async def measure_rounds(
         server.engine.start()
     measured: dict[str, list[dict]] = {name: [] for name in servers}
     try:
-        for i in range(rounds + 1):  # round 0 warms the engines up
-            for name in list(servers) if i % 2 else list(servers)[::-1]:
-                one = await measure(*servers[name], streams, tokens)
-                if i:
-                    measured[name].append(one)
-                p99 = np.percentile(one["itl_ms"], 99)
-                print(f"round {i}/{rounds} {name:>17}: ITL p99 {p99:6.2f} ms" + ("" if i else " (warm-up)"))
+        for i, name in rounds_in_turn(list(servers), rounds):
+            one = await measure(*servers[name], streams, tokens)
+            if i:
+                measured[name].append(one)
+            p99 = np.percentile(one["itl_ms"], 99)
+            print(f"round {i}/{rounds} {name:>17}: ITL p99 {p99:6.2f} ms" + ("" if i else " (warm-up)"))
     finally:
         for server, _ in servers.values():
             await server.engine.shutdown(grace=0)
@@ -165,9 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     source = args.checkpoint if args.weights == "checkpoint" else "random"
     lagged = load_model(source, "lagged", args.lagged_construction).config
     tokens = (args.boundaries + 1) * lagged.window
-    flags = sleep_overlap.systems(
-        args.passes, args.min_passes, args.max_passes, args.sleeper_nice, args.sleep_worker, args.sleep_share
-    )
+    flags = sleep_overlap.systems(args)
     settings = {name: settings_from_args(flags[name]) for name in SYSTEMS}
     allowed = os.sched_getaffinity(0)
     cpus = server_cpus(settings["lagged-scheduled"], allowed, torch.get_num_threads())

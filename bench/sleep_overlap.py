@@ -42,7 +42,7 @@ import contextlib
 import json
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -59,35 +59,36 @@ from scheduler.executor import ISOLATIONS
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def systems(
-    passes: int,
-    min_passes: int,
-    max_passes: int,
-    sleeper_nice: int = 0,
-    sleep_worker: str = "auto",
-    sleep_share: float | None = None,
-) -> dict[str, list[str]]:
-    """Server flags of each system; `sleep_worker`, `sleeper_nice` and `sleep_share` (None: the
-    server's default) are those of the scheduled systems' sleep."""
-    scheduled = ["--sleep-worker", sleep_worker]
-    scheduled += ["--sleeper-nice", str(sleeper_nice)] if sleeper_nice else []
-    scheduled += ["--sleep-share", str(sleep_share)] if sleep_share is not None else []
+def systems(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Server flags of each system, from `workload_arguments`: `--passes` of the fixed-depth ones,
+    `--min-passes` and `--max-passes` of the adaptive one; `--sleep-worker`, `--sleeper-nice` and
+    `--sleep-share` of the scheduled ones' sleep."""
+    scheduled = ["--sleep-worker", args.sleep_worker, "--sleep-share", str(args.sleep_share)]
+    scheduled += ["--sleeper-nice", str(args.sleeper_nice)] if args.sleeper_nice else []
+    passes = str(args.passes)
+    adaptive = [
+        "--sleep-passes",
+        "auto",
+        "--min-passes",
+        str(args.min_passes),
+        "--max-passes",
+        str(args.max_passes),
+    ]
     return {
         "no-sleep": ["--schedule", "hard", "--sleep-passes", "1"],
-        "hard-sync": ["--schedule", "hard", "--sleep-passes", str(passes), "--sleep-mode", "inline"],
-        "hard-scheduled": ["--schedule", "hard", "--sleep-passes", str(passes), *scheduled],
-        "lagged-scheduled": [
-            "--schedule",
-            "lagged",
-            "--sleep-passes",
-            "auto",
-            "--min-passes",
-            str(min_passes),
-            "--max-passes",
-            str(max_passes),
-            *scheduled,
-        ],
+        "hard-sync": ["--schedule", "hard", "--sleep-passes", passes, "--sleep-mode", "inline"],
+        "hard-scheduled": ["--schedule", "hard", "--sleep-passes", passes, *scheduled],
+        "lagged-scheduled": ["--schedule", "lagged", *adaptive, *scheduled],
     }
+
+
+def rounds_in_turn(names: list[str], rounds: int) -> Iterator[tuple[int, str]]:
+    """(round, system) in the order the warm benchmarks run them: round 0 warms every system up (not
+    counted), then `rounds` measured rounds of every system in turn, in reverse order every other
+    round, so that no system always follows the same one."""
+    for i in range(rounds + 1):
+        for name in names if i % 2 else names[::-1]:
+            yield i, name
 
 
 def scrape(metrics: str, name: str, **labels: str) -> float:
@@ -269,17 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = random_model_config(args.lagged_construction)
     tokens = (args.boundaries + 1) * config.window
-    flags = {
-        name: [*f, "--device", args.device]
-        for name, f in systems(
-            args.passes,
-            args.min_passes,
-            args.max_passes,
-            args.sleeper_nice,
-            args.sleep_worker,
-            args.sleep_share,
-        ).items()
-    }
+    flags = {name: [*f, "--device", args.device] for name, f in systems(args).items()}
     rounds: dict[str, list[dict]] = {name: [] for name in flags}
     with tempfile.TemporaryDirectory(prefix="sleep-overlap-") as folder, contextlib.ExitStack() as servers:
         checkpoint, env = save_random(config, Path(folder) / "model"), {"OMP_NUM_THREADS": str(args.threads)}
@@ -291,16 +282,15 @@ def main(argv: list[str] | None = None) -> dict:
             )
             for name, f in flags.items()
         }
-        for i in range(args.rounds + 1):  # round 0 warms the servers up
-            for name in list(flags) if i % 2 else list(flags)[::-1]:
-                one = measure(name, urls[name], args.streams, tokens)
-                if i:
-                    rounds[name].append(one)
-                print(
-                    f"round {i}/{args.rounds} {name:>17}: ITL p99 {one['itl_p99_ms']:6.2f} ms"
-                    + ("" if i else " (warm-up, not counted)"),
-                    flush=True,
-                )
+        for i, name in rounds_in_turn(list(flags), args.rounds):
+            one = measure(name, urls[name], args.streams, tokens)
+            if i:
+                rounds[name].append(one)
+            print(
+                f"round {i}/{args.rounds} {name:>17}: ITL p99 {one['itl_p99_ms']:6.2f} ms"
+                + ("" if i else " (warm-up, not counted)"),
+                flush=True,
+            )
     rows = [pool(name, flags[name], rounds[name]) for name in flags]
     for row in rows:
         print(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.sleep_overlap import scrape, server_means, server_times
+from bench.sleep_overlap import rounds_in_turn, scrape, server_means, server_times
 
 METRICS = """\
 # HELP sleepserve_engine_step_seconds Duration of an engine iteration.
@@ -45,6 +45,13 @@ def test_server_means_pool_the_rounds() -> None:
     assert means["handoff_share_slow"] == pytest.approx(0.05)
     quiet = server_means([idle])
     assert quiet["step_ms_crossed"] == quiet["handoff_ms_mean"] == 0.0  # nothing counted: no division
+
+
+def test_rounds_warm_up_then_alternate_the_order() -> None:
+    """Round 0 (the warm-up) and every even round run the systems in reverse; the odd ones in order."""
+    assert list(rounds_in_turn(["a", "b", "c"], 2)) == [
+        (0, "c"), (0, "b"), (0, "a"), (1, "a"), (1, "b"), (1, "c"), (2, "c"), (2, "b"), (2, "a"),
+    ]  # fmt: skip
 
 
 def test_the_benchmark_end_to_end_counts_each_measured_round_alone(tmp_path) -> None:

@@ -406,7 +406,8 @@ def test_interleaved_learns_the_pass_cost_from_one_pass_sleeps_too(model: Hybrid
     finally:
         executor.shutdown()
     assert policy.observed == [(8, 1, 2)]
-    assert policy.pass_seconds(8, rows=2, margin=False) > 0
+    # planned from the pass it timed, no longer from the per-token default
+    assert policy.pass_seconds(8, rows=2, margin=False) != policy.token_pass_seconds * 8 * 2
 
 
 def test_interleaved_shutdown_finishes_or_fails_the_batch_in_progress(model: HybridLM) -> None:
