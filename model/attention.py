@@ -6,6 +6,7 @@ ever sees, and everything older reaches the model only through the gdn layers' f
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,17 @@ def rotation(positions: Tensor, dim: int, base: float, dtype: torch.dtype) -> tu
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+@functools.cache
+def window_rotation(
+    length: int, dim: int, base: float, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """`rotation` [1, 1, T, dim/2] of positions 0..length-1, which every pass over a window from its
+    start uses (a sleep's, a training window's): built once per shape. Never an inference tensor,
+    which autograd could not use (see `gated_delta._above_diagonal`)."""
+    with torch.inference_mode(False):
+        return rotation(torch.arange(length, device=device)[None], dim, base, dtype)
+
+
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
@@ -50,13 +62,12 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.n_heads * config.head_dim, bias=False)
         self.out = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
 
-    def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v [B, H, T, D] of x [B, T, d], q and k rotated by `rotation`'s cos and sin."""
         B, T, _ = x.shape
-        q, k, v = (
-            self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        )  # [B, H, T, D]
-        cos, sin = rotation(positions, self.head_dim, self.rope_base, q.dtype)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, T, D]
+        q, k = rotate(qkv[:2], cos, sin)  # both in one go
+        return q, k, qkv[2]
 
     def _merge(self, o: Tensor) -> Tensor:  # [B, H, T, D] -> [B, T, d_model]
         B, _, T, _ = o.shape
@@ -64,9 +75,8 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """A whole window from its start (training, sleep). x: [B, T, d]. Returns y, keys, values."""
-        B, T, _ = x.shape
-        positions = torch.arange(T, device=x.device).expand(B, T)
-        q, k, v = self._project(x, positions)
+        cos, sin = window_rotation(x.shape[1], self.head_dim, self.rope_base, x.dtype, x.device)
+        q, k, v = self._project(x, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self._merge(o), k, v
 
@@ -77,7 +87,7 @@ class WindowAttention(nn.Module):
         """
         B, T, _ = x.shape
         positions = lengths[:, None] + torch.arange(T, device=x.device)  # [B, T]
-        q, k, v = self._project(x, positions)
+        q, k, v = self._project(x, *rotation(positions, self.head_dim, self.rope_base, x.dtype))
         slots = positions[:, None, :, None].expand(B, self.n_heads, T, self.head_dim)
         cache.keys.scatter_(2, slots, k)
         cache.values.scatter_(2, slots, v)

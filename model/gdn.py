@@ -83,9 +83,8 @@ class GatedDeltaNet(nn.Module):
         qkv = mixed[:, :T] * taps[0]
         for i in range(1, len(taps)):
             qkv = qkv + mixed[:, i : i + T] * taps[i]
-        q, k, v = F.silu(qkv).split([H * K, H * K, H * V], dim=-1)  # [B, T, ...]
-        q = F.normalize(q.view(B, T, H, K), dim=-1)
-        k = F.normalize(k.view(B, T, H, K), dim=-1)
+        qk, v = F.silu(qkv).split([2 * H * K, H * V], dim=-1)  # [B, T, ...]
+        q, k = F.normalize(qk.view(B, T, 2, H, K), dim=-1).unbind(2)  # both in one go
         g = -self.A_log.exp() * F.softplus(self.decay_proj(x) + self.dt_bias)  # [B, T, H] log α
         beta = torch.sigmoid(self.beta_proj(x))  # [B, T, H]
         return q, k, v.view(B, T, H, V), g, beta, mixed[:, T:]

@@ -522,8 +522,8 @@ def test_interleaved_holds_a_new_batch_briefly_for_equal_jobs(model: HybridLM) -
         executor.run_interleaved(busy=0.01)
         assert not held.running()
         joined = executor.submit_all([random_job(model, seed) for seed in (92, 93)])
-        executor.run_interleaved(busy=0.01)  # full: it starts
-        assert held.running()
+        executor.run_interleaved(busy=0.01)  # full: it starts (and may end within the turn's credit)
+        assert held.running() or held.done()
         executor.wait(joined, timeout=30)
         assert [f.result(timeout=30).batch_size for f in (held, *joined)] == [3, 3, 3]
 
@@ -560,8 +560,8 @@ def test_interleaved_holds_a_job_deeper_than_its_share_while_the_most_pace_fits(
         executor.run_interleaved(busy=0.01)
         assert not held.running()
         joined = executor.submit(random_job(model, 98, deadline=executor.now() + 0.02))
-        executor.run_interleaved(busy=0.01)  # full: it starts
-        assert held.running()
+        executor.run_interleaved(busy=0.01)  # full: it starts (and may end within the turn's credit)
+        assert held.running() or held.done()
         executor.wait([held, joined], timeout=30)
         assert [f.result(timeout=30).batch_size for f in (held, joined)] == [2, 2]
 
