@@ -75,10 +75,10 @@ def test_the_benchmark_end_to_end_counts_each_measured_round_alone(tmp_path) -> 
         rows["lagged-scheduled"]["decode_stalls"] == 0
         and rows["hard-scheduled"]["decode_stalls"] == crossings
     )
-    # The scheduled systems run as the floors ask: N in [3, 4] by the scheduler, at a share of 0.2.
+    # The scheduled systems run as the floors ask: N in [3, 4] by the scheduler, at a share of 0.15.
     lagged_flags = rows["lagged-scheduled"]["flags"]
     assert lagged_flags[lagged_flags.index("--min-passes") + 1] == "3"
-    assert lagged_flags[lagged_flags.index("--sleep-share") + 1] == "0.2"
+    assert lagged_flags[lagged_flags.index("--sleep-share") + 1] == "0.15"
     assert 3.0 <= rows["lagged-scheduled"]["mean_passes"] <= 4.0
     assert set(report["floors"]) == {
         "lagged_p99_within_1.25x_of_no_sleep",
