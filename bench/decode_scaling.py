@@ -120,19 +120,27 @@ def full_attention_scaling(
 
 
 @torch.no_grad()
-def sleep_costs(config: ModelConfig, passes_list: list[int], repeats: int) -> list[dict]:
-    """One sleep of N passes over a full chunk against one prefill of that chunk into an empty window."""
+def sleep_costs(config: ModelConfig, passes_list: list[int], repeats: int, sessions: int = 1) -> list[dict]:
+    """One sleep of N passes over a full chunk of each of `sessions` sessions (one batch) against one
+    prefill of those chunks into empty windows: the median of `repeats` calls each, timed in turn (one
+    call of each per repeat), so that a slow spell of a shared host falls on all of them alike."""
     torch.manual_seed(0)
     model = HybridLM(config).eval()
-    memory = model.empty_memory(1)
-    chunk = torch.randint(0, 256, (1, config.window))
-    prefill_ms = time_ms(lambda: model.extend(chunk, model.open_window(memory)), repeats)
+    memory = model.empty_memory(sessions)
+    chunk = torch.randint(0, 256, (sessions, config.window))
+    calls = {"prefill": lambda: model.extend(chunk, model.open_window(memory))}
+    calls |= {n: lambda n=n: model.sleep(memory, chunk, n) for n in passes_list}
+    samples: dict[object, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            samples[name].append(time_ms(call, 1))
     return [
         {
             "schedule": config.schedule,
+            "sessions": sessions,
             "passes": n,
-            "sleep_ms": time_ms(lambda n=n: model.sleep(memory, chunk, n), repeats),
-            "chunk_prefill_ms": prefill_ms,
+            "sleep_ms": statistics.median(samples[n]),
+            "chunk_prefill_ms": statistics.median(samples["prefill"]),
         }
         for n in passes_list
     ]

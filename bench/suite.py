@@ -1,5 +1,5 @@
 """`make bench` / `sleepserve bench suite`: refresh bench/results in one run on one machine — decode
-scaling, session state, sleep overlap (served and engine-level) and the multi-turn comparison, sized to finish in
+scaling, session state, a sleep's cost, sleep overlap (served and engine-level) and the multi-turn comparison, sized to finish in
 under 10 minutes on 2 CPU cores. Each step writes its JSON (and a PNG where a picture helps); the multi-turn step
 prints whether each floor holds.
 
@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import torch
 
-from bench import decode_scaling, engine_itl, multiturn, sleep_overlap, state
+from bench import decode_scaling, engine_itl, multiturn, sleep_overlap, sleep_pass, state
 
-NAMES = ("decode-scaling", "state", "sleep-overlap", "engine-itl", "multiturn")
+NAMES = ("decode-scaling", "state", "sleep-pass", "sleep-overlap", "engine-itl", "multiturn")
 
 
 def steps(threads: int) -> dict[str, tuple[Callable[[list[str]], object], list[str]]]:
@@ -25,6 +25,7 @@ def steps(threads: int) -> dict[str, tuple[Callable[[list[str]], object], list[s
     return {
         "decode-scaling": (decode_scaling.main, []),
         "state": (state.main, []),
+        "sleep-pass": (sleep_pass.main, []),
         "sleep-overlap": (sleep_overlap.main, ["--threads", str(threads)]),
         "engine-itl": (engine_itl.main, ["--threads", str(threads)]),
         "multiturn": (multiturn.main, ["--disable-tqdm", "--threads", str(threads)]),
