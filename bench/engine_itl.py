@@ -46,7 +46,7 @@ from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from model.hybrid import HybridLM
 from model.session import new_state
 from model.tokenizer import ByteTokenizer
-from server.cli import server_cpus, settings_from_args
+from server.cli import server_cpus, settings_from_args, sleeper_cpus
 from server.context import Server, build_server
 from server.engine import Engine, EngineRequest, SamplingParams
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name in SYSTEMS:
             assert settings[name].schedule is not None  # every system names its schedule
             model = load_model(source, settings[name].schedule, args.lagged_construction)
-            servers[name] = (build_server(settings[name], model), model)
+            servers[name] = (build_server(settings[name], model, sleeper_cpus(allowed, cpus)), model)
         rounds = asyncio.run(measure_rounds(servers, args.rounds, args.streams, tokens))
     finally:
         os.sched_setaffinity(0, allowed)  # the caller's thread as it was (a test's, say)

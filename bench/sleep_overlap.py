@@ -23,8 +23,11 @@ the percentiles are taken over the pooled samples of all rounds; each round's ow
 them, and so are each server's mean engine iteration apart and at a window boundary (its
 `sleepserve_engine_step_seconds`) and its mean hand-off of outputs to the event loop
 (`sleepserve_output_handoff_seconds`). `--sleep-worker` picks where the scheduled systems sleep
-(default `auto`: interleaved on CPU); with `process`, `--sleeper-nice` runs their sleeper process that
-much below the server. Writes bench/results/sleep_overlap.json and a PNG of inter-token latency over
+(default `auto`: on CPU, each server's threads on one core and the passes offloaded to a sleeper
+process on the other, the client's, at SCHED_IDLE, the decode thread running those it is late with;
+`interleaved`: all on the decode thread); with `process`, `--sleeper-nice` runs their sleeper process
+that much below the server. Each row counts the passes over interleaved sleep's rolling batch and
+those the sleeper process ran (`sleepserve_sleep_rolling_passes_total{runner}`). Writes bench/results/sleep_overlap.json and a PNG of inter-token latency over
 time (the first measured round) with each stream's window boundaries marked.
 
     python -m bench.sleep_overlap
@@ -167,6 +170,8 @@ def measure(name: str, url: str, streams: int, tokens: int) -> dict:
         "passes": change("sleepserve_sleep_passes_sum"),
         "decode_stall_s": change("sleepserve_decode_stall_seconds_sum"),
         "decode_stalls": change("sleepserve_decode_stall_seconds_count"),
+        "offloaded_passes": change("sleepserve_sleep_rolling_passes_total", runner="sleeper_process"),
+        "rolling_passes": change("sleepserve_sleep_rolling_passes_total"),
         **server_times(change),
     }
 
@@ -188,6 +193,9 @@ def pool(name: str, flags: list[str], rounds: list[dict]) -> dict:
         "sleeps": int(sleeps),
         "decode_stall_s": sum(one["decode_stall_s"] for one in rounds),
         "decode_stalls": int(sum(one["decode_stalls"] for one in rounds)),  # times a session waited
+        # passes over interleaved sleep's rolling batch, and those of them its sleeper process ran
+        "rolling_passes": int(sum(one["rolling_passes"] for one in rounds)),
+        "offloaded_passes": int(sum(one["offloaded_passes"] for one in rounds)),
         **server_means(rounds),
         "output_tokens_per_s": summary["output_throughput"],
         "streams": [  # the first measured round's, for the plot
@@ -298,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['name']:>17}: ITL p50 {row['itl_p50_ms']:6.2f} ms  p99 {row['itl_p99_ms']:6.2f} ms  "
             f"max {row['itl_max_ms']:6.1f} ms  misses {row['deadline_misses']}  mean N {row['mean_passes']:.2f}  "
             f"stalls {row['decode_stalls']} ({row['decode_stall_s'] * 1e3:.0f} ms)  "
+            f"offloaded {row['offloaded_passes']}/{row['rolling_passes']} passes  "
             f"step {row['step_ms_none']:.2f} ms, crossing {row['step_ms_crossed']:.2f} ms  "
             f"hand-off {row['handoff_ms_mean']:.2f} ms ({row['handoff_share_slow']:.1%} over 2 ms)"
         )

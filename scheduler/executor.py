@@ -19,6 +19,13 @@ and runs them as one batched `model.sleep` through a sleeper:
   (continuous batching of sleep). A sleep then never competes with the decode loop and the event
   loop for a core or the GIL; it lengthens the steps it follows instead, evenly. Its deadlines count
   decode time only (`SleepExecutor.now`).
+- `offload`: interleaved, with each pass of the rolling batch handed to a `ProcessSleeper` child on
+  the cores the server's threads leave free, at SCHED_IDLE (it takes only time nobody else wants), its
+  tensors in shared memory. The decode thread polls it after each step and runs a pass itself only
+  where the child is late with it (`_helper_late`: longer than its passes of that shape take, or the
+  deadline too close to wait), racing it: the first to finish ends the pass. Depth and pace are still
+  planned as if the decode thread ran every pass, as it must when the child cannot keep up: the child
+  only takes the work off it when a core is free.
 The engine polls `future.done()` between decode steps and swaps the memory in; when a session cannot go
 on without it (its deadline), `future.result()` blocks, and that wait is the decode stall.
 """
@@ -48,13 +55,13 @@ from torch import Tensor
 
 from model.config import ModelConfig
 from model.hybrid import HybridLM
-from model.slices import Slices
+from model.slices import Slices, run_to_end
 from scheduler.jobs import ConsolidationJob, JobQueue
-from scheduler.policy import DepthPolicy
+from scheduler.policy import DepthPolicy, PassCosts
 
 log = logging.getLogger("sleepserve.scheduler")
 Memory = list[Tensor]  # one [B, H, K, V] tensor per gdn layer
-Isolation = Literal["thread", "process", "interleaved"]
+Isolation = Literal["thread", "process", "interleaved", "offload"]
 ISOLATIONS: tuple[str, ...] = get_args(Isolation)
 
 
@@ -64,6 +71,10 @@ class _Gauge(Protocol):
 
 class _Counter(Protocol):
     def inc(self, amount: float = 1) -> None: ...
+
+
+class _LabelledCounter(Protocol):
+    def labels(self, *values: str, **labels: str) -> _Counter: ...
 
 
 class _Histogram(Protocol):
@@ -82,6 +93,7 @@ class SleepMetrics(Protocol):
     sleep_passes: _Histogram
     sleep_tokens: _Counter
     sleep_deadline_misses: _Counter
+    sleep_rolling_passes: _LabelledCounter
 
 
 @dataclass
@@ -118,7 +130,7 @@ class _Rolling:
     rows: list[_Row]
     h: Tensor  # [B, T, d] hidden states carried from pass to pass
     fast: Memory  # the fast weights so far, one [B, H, K, V] tensor per gdn layer
-    current: Slices[tuple[Tensor, Memory]]  # the pass under way
+    current: Slices[tuple[Tensor, Memory]] | None  # the pass under way here; None: at the helper only
     memory_only: bool  # it is every row's last (see `HybridLM.pass_slices`)
     count: int  # its slices
     done: int = 0  # of them run
@@ -158,18 +170,51 @@ class LocalSleeper:
         pass
 
 
+def _pass_size(config: ModelConfig, rows: int, tokens: int) -> int:
+    """Numbers in a pass's h and fast weights (see `_pass_views`)."""
+    return rows * (
+        tokens * config.d_model + config.n_gdn * config.gdn_heads * config.gdn_key_dim * config.gdn_value_dim
+    )
+
+
+def _pass_views(shared: Tensor, config: ModelConfig, rows: int, tokens: int) -> tuple[Tensor, Memory]:
+    """A pass's h [rows, tokens, d] and fast weights (one [rows, H, K, V] per gdn layer), laid out one
+    after the other at the start of the flat buffer `shared`."""
+    h_size = rows * tokens * config.d_model
+    shape = (rows, config.gdn_heads, config.gdn_key_dim, config.gdn_value_dim)
+    size = math.prod(shape)
+    h = shared[:h_size].view(rows, tokens, config.d_model)
+    fast = [shared[h_size + i * size : h_size + (i + 1) * size].view(shape) for i in range(config.n_gdn)]
+    return h, fast
+
+
 class ProcessSleeper:
     """Runs `model.sleep` in a child process with a copy of the weights (CPU only), at `nice` below the
-    server's priority. One call at a time; a child that dies is restarted and the call retried once."""
+    server's priority, or with `idle` only on time no other thread wants (SCHED_IDLE), on `cpus` (None:
+    where the server runs). One call at a time; a child that dies is restarted and the call retried
+    once. With `pass_rows`, it also runs single passes of up to that many chunks of up to a window's
+    capacity without the caller waiting for them (`send_pass`, then `pass_reply`), for the offloading
+    executor (which runs them itself from then on if the child fails): their tensors cross in shared
+    memory, and the pipe carries a few bytes (pickled, a pass's 100 kB took 0.1-0.25 ms a way)."""
 
-    def __init__(self, model: HybridLM, nice: int = 0) -> None:
+    def __init__(
+        self,
+        model: HybridLM,
+        nice: int = 0,
+        cpus: set[int] | None = None,
+        idle: bool = False,
+        pass_rows: int = 0,
+    ) -> None:
         if model.device.type != "cpu":
             raise ValueError("the process sleeper runs on CPU; on CUDA use the thread sleeper (own stream)")
         if not 0 <= nice <= 19:
             raise ValueError(f"nice must lie in [0, 19], got {nice}")
-        self.nice = nice
-        self._config = model.config.to_dict()
+        self.nice, self.cpus, self.idle = nice, cpus, idle
+        self.config = model.config
         self._weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        size = _pass_size(model.config, pass_rows, model.config.window_capacity)
+        with torch.inference_mode(False):  # written in place from the decode thread's inference mode
+            self._shared = torch.zeros(size).share_memory_()
         self._lock = threading.Lock()
         self._start()
 
@@ -179,7 +224,7 @@ class ProcessSleeper:
         weights = {name: t.numpy() for name, t in self._weights.items()}
         self._process = context.Process(
             target=_serve_sleeps,
-            args=(child, self._config, weights, self.nice),
+            args=(child, self.config.to_dict(), weights, self._shared, self.nice, self.cpus, self.idle),
             name="sleepserve-sleeper",
             daemon=True,
         )
@@ -187,7 +232,7 @@ class ProcessSleeper:
         child.close()
 
     def __call__(self, memory: Memory, chunk: Tensor, passes: int) -> Memory:
-        request = ([m.numpy() for m in memory], chunk.numpy(), passes)
+        request = ("sleep", [m.numpy() for m in memory], chunk.numpy(), passes)
         with self._lock:
             try:
                 reply = self._ask(request)
@@ -204,6 +249,33 @@ class ProcessSleeper:
     def _ask(self, request: tuple) -> object:
         self._conn.send(request)
         return self._conn.recv()
+
+    def send_pass(self, h: Tensor, fast: Memory, memory_only: bool) -> bool:
+        """Start one pass (`HybridLM.pass_slices`'s arguments: h [B, T, d], the fast weights) in the child
+        and return at once; False if it is larger than `pass_rows` chunks of a window's capacity. One
+        pass at a time: the next after `pass_reply` answered. Raises OSError where the child is gone (it
+        is not restarted)."""
+        rows, tokens, _ = h.shape
+        if _pass_size(self.config, rows, tokens) > self._shared.numel():
+            return False
+        shared_h, shared_fast = _pass_views(self._shared, self.config, rows, tokens)
+        shared_h.copy_(h)
+        for shared, m in zip(shared_fast, fast, strict=True):
+            shared.copy_(m)
+        self._conn.send(("pass", rows, tokens, memory_only))
+        return True
+
+    def pass_reply(self) -> tuple[Tensor, Memory, float] | None:
+        """The pass sent last, once the child finished it: (h, fast, its seconds of work); None while it
+        runs. Raises what the pass raised, EOFError or OSError where the child is gone."""
+        if not self._conn.poll():
+            return None
+        reply = self._conn.recv()
+        if isinstance(reply, BaseException):
+            raise reply
+        rows, tokens, seconds = reply
+        h, fast = _pass_views(self._shared, self.config, rows, tokens)
+        return h.clone(), [m.clone() for m in fast], seconds
 
     def close(self) -> None:
         with self._lock, contextlib.suppress(EOFError, OSError):
@@ -239,12 +311,28 @@ def _background_priority(nice: int) -> None:
         log.debug("sched_setattr: %s (an older kernel: nice alone applies)", os.strerror(ctypes.get_errno()))
 
 
-def _serve_sleeps(conn: Connection, config: dict, weights: dict, nice: int) -> None:
-    """The child process of `ProcessSleeper`: answers (memory, chunk, passes) with the new memory."""
+def _serve_sleeps(
+    conn: Connection,
+    config: dict,
+    weights: dict,
+    shared: Tensor,
+    nice: int,
+    cpus: set[int] | None,
+    idle: bool,
+) -> None:
+    """The child process of `ProcessSleeper`: answers ("sleep", memory, chunk, passes) with the new
+    memory, and ("pass", rows, tokens, memory_only) with (rows, tokens, seconds of work) of one pass
+    over the h and fast weights in `shared`, whose results it leaves there."""
     torch.set_num_threads(1)  # the sleeper takes one core beside the decode loop, no more
-    if nice:
+    if cpus:
+        with contextlib.suppress(OSError):  # none of them is this container's: stay where the server is
+            os.sched_setaffinity(0, cpus)
+    if idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif nice:
         _background_priority(nice)
-    model = HybridLM(ModelConfig.from_dict(config))
+    model_config = ModelConfig.from_dict(config)
+    model = HybridLM(model_config)
     model.load_state_dict({name: torch.from_numpy(array) for name, array in weights.items()})
     model.eval()
     while True:
@@ -254,12 +342,23 @@ def _serve_sleeps(conn: Connection, config: dict, weights: dict, nice: int) -> N
             return
         if request is None:
             return
-        memory, chunk, passes = request
+        kind, *args = request
         try:
             with torch.inference_mode():
-                out = model.sleep([torch.from_numpy(m) for m in memory], torch.from_numpy(chunk), passes)
-            conn.send([m.numpy() for m in out])
-        except Exception as exc:  # the parent raises it in the job's future
+                if kind == "sleep":
+                    memory, chunk, passes = args
+                    out = model.sleep([torch.from_numpy(m) for m in memory], torch.from_numpy(chunk), passes)
+                    conn.send([m.numpy() for m in out])
+                else:
+                    rows, tokens, memory_only = args
+                    h, fast = _pass_views(shared, model_config, rows, tokens)
+                    start = time.perf_counter()
+                    h_out, fast_out = run_to_end(model.pass_slices(h, fast, memory_only=memory_only))
+                    h.copy_(h_out)
+                    for m, out in zip(fast, fast_out, strict=True):
+                        m.copy_(out)
+                    conn.send((rows, tokens, time.perf_counter() - start))
+        except Exception as exc:  # the parent raises it in the job's future, or runs the pass itself
             conn.send(exc)
 
 
@@ -274,7 +373,10 @@ class SleepExecutor:
     worker: the decode thread runs the sleeps a slice at a time (`run_interleaved`), paced to their
     deadlines; the depth policy (required) gives each job the N whose planned cost takes at most
     `share` of the thread's time, and a sleep that falls behind may take up to halfway from `share` to
-    all of it to catch up.
+    all of it to catch up. With isolation="offload", interleaved sleep hands each pass to a child process
+    (`ProcessSleeper`, with `idle`: on time no other thread wants, on `sleeper_cpus`) while that one is
+    free, and the decode thread runs a pass itself only where the child takes longer than its passes
+    take (`_helper_late`): on a machine with a core to spare, the sleeps leave the decode thread.
     `batch_wait`: how long (seconds, of the real clock) a worker may hold the earliest job back for
     equal jobs to join its batch, as when sessions cross their boundaries a few steps apart; only while
     the job can still finish by its deadline (so never a job due now), and no longer once the batch is
@@ -295,6 +397,7 @@ class SleepExecutor:
         nice: int = 0,
         batch_wait: float = 0.0,
         share: float = 0.35,
+        sleeper_cpus: set[int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch < 1 or workers < 1 or batch_wait < 0:
@@ -303,7 +406,8 @@ class SleepExecutor:
             raise ValueError("nice sets the priority of a sleeper process: it needs isolation='process'")
         if not 0 < share < 1:
             raise ValueError(f"share must lie in (0, 1), got {share}")
-        self.interleaved = isolation == "interleaved"
+        self.isolation = isolation
+        self.interleaved = isolation in ("interleaved", "offload")
         if self.interleaved and policy is None:
             raise ValueError("interleaved sleep is paced by planned costs: it needs a depth policy")
         self.model, self.max_batch, self.batch_wait, self.clock = model, max_batch, batch_wait, clock
@@ -312,10 +416,16 @@ class SleepExecutor:
         self._sleepers: list[LocalSleeper | ProcessSleeper] = []
         if not self.interleaved:
             self._sleepers = [
-                ProcessSleeper(model, nice) if isolation == "process" else LocalSleeper(model)
+                ProcessSleeper(model, nice, sleeper_cpus) if isolation == "process" else LocalSleeper(model)
                 for _ in range(workers)
             ]
         self._rolling: _Rolling | None = None  # interleaved: the sleeps in progress
+        # offload: the child that runs passes, their observed wall time, and the pass it has (since when)
+        self._helper = None
+        if isolation == "offload":
+            self._helper = ProcessSleeper(model, cpus=sleeper_cpus, idle=True, pass_rows=max_batch)
+        self._helper_costs = PassCosts()
+        self._at_helper: tuple[_Rolling, float] | None = None
         self._credit = 0.0  # interleaved: seconds of sleep the decode thread owes the sleeps in progress
         self._slept = 0.0  # interleaved: seconds it has spent on them
         self._queue = JobQueue()
@@ -434,6 +544,9 @@ class SleepExecutor:
                 self._drop_rolling(RuntimeError("the sleep executor is shut down"))
             while wait and self._run_slice() is not None:
                 pass
+            if self._helper is not None:  # a pass it still has is dropped with it
+                self._helper.close()
+                self._helper, self._at_helper = None, None
         if wait:
             for thread in self._threads:
                 thread.join()
@@ -635,17 +748,23 @@ class SleepExecutor:
 
     def run_interleaved(self, busy: float) -> None:
         """The decode thread's turn to sleep, after `busy` seconds of other work (a step): interleaved,
-        run slices for the share of its time that keeps every sleep on pace for its deadline (`_pace`);
-        with a worker, nothing (it runs on its own)."""
+        run slices for the share of its time that keeps every sleep on pace for its deadline (`_pace`)
+        (offloaded, only where the helper is late with its pass, `_helper_late`); with a worker,
+        nothing (it runs on its own)."""
         if not self.interleaved:
             return
         self._drop_cancelled()
-        if self._rolling is None and not len(self._queue):  # most steps of a quiet server
+        self._collect()
+        rolling = self._rolling
+        if rolling is None and not len(self._queue):  # most steps of a quiet server
             self._credit = 0.0
+            return
+        if rolling is not None and rolling.current is None and not self._helper_late(rolling):
+            self._credit = 0.0  # offload: the helper has the pass and keeps to its time
             return
         self._credit += busy * self._pace()
         while self._credit > 0:
-            spent = self._run_slice(hold=True)
+            spent = self._run_slice(paced=True)
             if spent is None:  # nothing to run: no credit is kept for later work
                 self._credit = 0.0
                 return
@@ -696,16 +815,22 @@ class SleepExecutor:
             need = max(need, _ratio(work, _PACE_TARGET * (job.deadline - now)))
         return min(need, self._most / (1 - self._most))
 
-    def _run_slice(self, hold: bool = False) -> float | None:
+    def _run_slice(self, paced: bool = False) -> float | None:
         """Run the next slice of the pass under way: between passes, rows that are done leave, queued
         jobs join, and the next pass starts; with no pass under way, a new rolling batch starts, unless
-        (`hold`) its earliest job is held back for equal ones (`_holding`). Returns the slice's
-        seconds, None if nothing ran."""
+        (`paced`) its earliest job is held back for equal ones (`_holding`). A pass at the helper
+        (offload) is left to it while it is on time (`paced`), else run here too: the first to finish
+        ends it. Returns the slice's seconds, None if nothing ran."""
         self._drop_cancelled()
-        if self._rolling is None and ((hold and self._holding()) or not self._roll()):
+        self._collect()
+        if self._rolling is None and ((paced and self._holding()) or not self._roll()):
             return None
         rolling = self._rolling
         assert rolling is not None
+        if rolling.current is None:
+            if paced and not self._helper_late(rolling):
+                return None
+            rolling.current = self.model.pass_slices(rolling.h, rolling.fast, memory_only=rolling.memory_only)
         start, ended, failed = time.perf_counter(), None, None
         try:
             with torch.no_grad():  # as the thread sleeper's; on the engine's thread, inference mode too
@@ -724,18 +849,27 @@ class SleepExecutor:
             self._end_pass(rolling, *ended)
         return spent
 
-    def _end_pass(self, rolling: _Rolling, h: Tensor, fast: Memory) -> None:
-        """A pass over every row is done: publish the rows with no pass left, keep the rest, let
-        queued jobs join, start the next pass (or end the rolling batch)."""
+    def _end_pass(
+        self, rolling: _Rolling, h: Tensor, fast: Memory, helper_seconds: float | None = None
+    ) -> None:
+        """A pass over every row is done (by the helper: in its `helper_seconds` of work): publish the
+        rows with no pass left, keep the rest, let queued jobs join, start the next pass (or end the
+        rolling batch)."""
         assert self.policy is not None
-        # Every pass teaches the policy, a sleep's last (memory-only, shorter) one too, as `calibrate`
-        # times a pass: where every sleep takes one pass, the cost would never be learnt otherwise.
-        self.policy.observe(rolling.tokens, 1, rolling.seconds, len(rolling.rows))
-        if not rolling.memory_only:
-            rolling.last_pass = rolling.seconds
+        spent = rolling.seconds if helper_seconds is None else helper_seconds
+        if self.metrics is not None:
+            runner = "decode_thread" if helper_seconds is None else "sleeper_process"
+            self.metrics.sleep_rolling_passes.labels(runner=runner).inc()
+        if helper_seconds is None:
+            # Every pass run here teaches the policy, a sleep's last (memory-only, shorter) one too, as
+            # `calibrate` times a pass: where every sleep takes one pass, the cost would never be
+            # learnt otherwise.
+            self.policy.observe(rolling.tokens, 1, rolling.seconds, len(rolling.rows))
+            if not rolling.memory_only:
+                rolling.last_pass = rolling.seconds
         for row in rolling.rows:
             row.passes_left -= 1
-            row.seconds += rolling.seconds
+            row.seconds += spent
         finished = [  # and cancelled: _publish drops them
             b for b, row in enumerate(rolling.rows) if row.passes_left == 0 or row.job.id in self._cancelled
         ]
@@ -827,13 +961,73 @@ class SleepExecutor:
             return False
         last = all(row.passes_left == 1 for row in rows)
         count = self.model.pass_slice_count(memory_only=last) + 1  # its yields, then its return
-        current = self.model.pass_slices(h, fast, memory_only=last)
         last_pass = rolling.last_pass if rolling else 0.0
         assert self.policy is not None
         expected = self.policy.pass_seconds(h.shape[1], len(rows), margin=False)
         per_pass = max(expected, last_pass)  # where passes run slower than the policy knows yet
-        self._rolling = _Rolling(rows, h, fast, current, last, count, last_pass=last_pass, per_pass=per_pass)
+        self._rolling = _Rolling(rows, h, fast, None, last, count, last_pass=last_pass, per_pass=per_pass)
+        if not self._send(self._rolling):
+            self._rolling.current = self.model.pass_slices(h, fast, memory_only=last)
         return True
+
+    # -- offload: passes in the helper process ------------------------------------------------------
+
+    def _send(self, rolling: _Rolling) -> bool:
+        """Offload: hand the pass `rolling` starts to the helper if it is free and no row is due already
+        (a session waits for it: `hard`'s every sleep, a late `lagged` one); whether it took it."""
+        if self._helper is None or self._at_helper is not None:
+            return False
+        now = self.now()
+        if any(row.job.deadline <= now for row in rolling.rows):
+            return False
+        try:
+            if not self._helper.send_pass(rolling.h, rolling.fast, rolling.memory_only):
+                return False  # larger than the helper takes
+        except Exception as exc:
+            self._stop_offloading(exc)
+            return False
+        self._at_helper = (rolling, self.clock())
+        return True
+
+    def _collect(self) -> None:
+        """Offload: take the helper's pass once it is back. It ends the pass under way if that is still
+        the one (the helper finished first); one that was finished here meanwhile, or dropped, is
+        dropped. A pass the helper failed is run here."""
+        if self._at_helper is None:
+            return
+        assert self._helper is not None
+        sent, since = self._at_helper
+        try:
+            reply = self._helper.pass_reply()
+        except Exception as exc:
+            self._stop_offloading(exc)
+            if sent.current is None:
+                sent.current = self.model.pass_slices(sent.h, sent.fast, memory_only=sent.memory_only)
+            return
+        if reply is None:
+            return
+        self._at_helper = None
+        self._helper_costs.observe(sent.tokens, 1, self.clock() - since, len(sent.rows))
+        if self._rolling is sent:
+            self._end_pass(sent, *reply)
+
+    def _stop_offloading(self, exc: BaseException) -> None:
+        """The helper failed: the decode thread runs every pass from now on (interleaved)."""
+        log.error("the sleeper process failed (%r): sleep passes run on the decode thread from now on", exc)
+        assert self._helper is not None
+        self._helper.close()
+        self._helper, self._at_helper = None, None
+
+    def _helper_late(self, rolling: _Rolling) -> bool:
+        """Offload: whether the decode thread runs the helper's pass too: the helper has had it longer
+        than its passes of that shape take (with the planning margin: see `PassCosts`), or waiting on
+        would leave the sleeps a pace of the most it may take (`_pace`) to finish here."""
+        if self._at_helper is None:  # shut down
+            return True
+        waited = self.clock() - self._at_helper[1]
+        if waited > self._helper_costs.pass_seconds(rolling.tokens, len(rolling.rows)):
+            return True
+        return self._pace() >= self._most / (1 - self._most)
 
     def _release(self, jobs: list[ConsolidationJob]) -> None:
         with self._cond:

@@ -38,30 +38,14 @@ class _PassCost:
         return cls(seconds, seconds / 2)
 
 
-class DepthPolicy:
-    """Chooses the sleep depth N from the slack to a deadline, the queue ahead and observed pass costs."""
+class PassCosts:
+    """Observed seconds of one pass by batch shape (chunk length, rows), as TCP keeps its round-trip time
+    (see the module's docstring); thread-safe."""
 
-    def __init__(
-        self,
-        min_passes: int,
-        max_passes: int,
-        *,
-        token_pass_seconds: float = 1e-4,
-        ema: float = 0.3,
-        deviations: float = 2.0,
-        miss_penalty: float = 2.0,
-        penalty_half_life: float = 8.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if not 1 <= min_passes <= max_passes:
-            raise ValueError(f"need 1 <= min_passes <= max_passes, got {min_passes}, {max_passes}")
-        self.min_passes, self.max_passes = min_passes, max_passes
+    def __init__(self, token_pass_seconds: float = 1e-4, ema: float = 0.3, deviations: float = 2.0) -> None:
         self.token_pass_seconds = token_pass_seconds  # default cost of one pass, per chunk token and row
         self.ema, self.deviations = ema, deviations
-        self.miss_penalty, self.penalty_half_life = miss_penalty, penalty_half_life
-        self.clock = clock
         self._costs: dict[tuple[int, int], _PassCost] = {}  # (chunk length, rows) -> cost of a pass
-        self._penalty = 0.0
         self._lock = threading.Lock()  # observed from worker threads, read from the submitter
 
     def seed(self, tokens: int, seconds_per_pass: float, rows: int = 1) -> None:
@@ -81,20 +65,6 @@ class DepthPolicy:
             cost.deviation += self.ema * (abs(per_pass - cost.mean) - cost.deviation)
             cost.mean += self.ema * (per_pass - cost.mean)
 
-    def record(self, sleeps: int, missed: bool) -> None:
-        """`sleeps` sleeps finished (one batch's, or the rows that leave a rolling batch), `missed` if
-        any was late: each takes back some of the penalty, and a miss adds `miss_penalty` passes to it
-        for the next ones."""
-        with self._lock:
-            self._penalty *= 0.5 ** (sleeps / self.penalty_half_life)
-            if missed:
-                self._penalty += self.miss_penalty
-
-    def penalty(self) -> float:
-        """Passes currently taken off for recent misses."""
-        with self._lock:
-            return self._penalty
-
     def pass_seconds(self, tokens: int, rows: int = 1, margin: bool = True) -> float:
         """Planned seconds of one pass over a batch of `rows` chunks of `tokens` tokens: the observed
         mean plus (`margin`) `deviations` deviations, borrowed from the nearest observed shape when this
@@ -110,6 +80,59 @@ class DepthPolicy:
             cost = self._costs[near_length, near_rows]
         planned = cost.mean + self.deviations * cost.deviation if margin else cost.mean
         return planned * tokens / near_length * max(1.0, rows / near_rows)
+
+
+class DepthPolicy:
+    """Chooses the sleep depth N from the slack to a deadline, the queue ahead and observed pass costs
+    (`costs`: its `seed`, `observe` and `pass_seconds` are the table's)."""
+
+    def __init__(
+        self,
+        min_passes: int,
+        max_passes: int,
+        *,
+        token_pass_seconds: float = 1e-4,
+        ema: float = 0.3,
+        deviations: float = 2.0,
+        miss_penalty: float = 2.0,
+        penalty_half_life: float = 8.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 1 <= min_passes <= max_passes:
+            raise ValueError(f"need 1 <= min_passes <= max_passes, got {min_passes}, {max_passes}")
+        self.min_passes, self.max_passes = min_passes, max_passes
+        self.costs = PassCosts(token_pass_seconds, ema, deviations)
+        self.miss_penalty, self.penalty_half_life = miss_penalty, penalty_half_life
+        self.clock = clock
+        self._penalty = 0.0
+        self._lock = threading.Lock()  # recorded from worker threads, read from the submitter
+
+    @property
+    def token_pass_seconds(self) -> float:
+        return self.costs.token_pass_seconds
+
+    def seed(self, tokens: int, seconds_per_pass: float, rows: int = 1) -> None:
+        self.costs.seed(tokens, seconds_per_pass, rows)
+
+    def observe(self, tokens: int, passes: int, seconds: float, rows: int = 1) -> None:
+        self.costs.observe(tokens, passes, seconds, rows)
+
+    def pass_seconds(self, tokens: int, rows: int = 1, margin: bool = True) -> float:
+        return self.costs.pass_seconds(tokens, rows, margin)
+
+    def record(self, sleeps: int, missed: bool) -> None:
+        """`sleeps` sleeps finished (one batch's, or the rows that leave a rolling batch), `missed` if
+        any was late: each takes back some of the penalty, and a miss adds `miss_penalty` passes to it
+        for the next ones."""
+        with self._lock:
+            self._penalty *= 0.5 ** (sleeps / self.penalty_half_life)
+            if missed:
+                self._penalty += self.miss_penalty
+
+    def penalty(self) -> float:
+        """Passes currently taken off for recent misses."""
+        with self._lock:
+            return self._penalty
 
     def estimate(self, tokens: int, passes: int, rows: int = 1, margin: bool = True) -> float:
         """Planned seconds of a sleep of `passes` passes over a batch of `rows` chunks of `tokens` tokens

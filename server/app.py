@@ -66,8 +66,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("engine stopped, sessions saved")
 
 
-def create_app(settings: Settings | None = None, model: HybridLM | None = None) -> FastAPI:
-    """The app for `settings` (default: from the environment); `model` skips loading the checkpoint."""
+def create_app(
+    settings: Settings | None = None, model: HybridLM | None = None, sleeper_cpus: set[int] | None = None
+) -> FastAPI:
+    """The app for `settings` (default: from the environment); `model` skips loading the checkpoint;
+    `sleeper_cpus`: see `build_server`."""
     settings = settings or Settings()
     app = FastAPI(
         title="sleepserve",
@@ -75,7 +78,7 @@ def create_app(settings: Settings | None = None, model: HybridLM | None = None) 
         summary="OpenAI-compatible server for language models that sleep.",
         lifespan=lifespan,
     )
-    app.state.server = build_server(settings, model)
+    app.state.server = build_server(settings, model, sleeper_cpus)
     install_error_handlers(app)
     app.include_router(router)
     return app

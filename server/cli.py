@@ -44,13 +44,13 @@ SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
         "--sleep-worker",
         "sleep_worker",
         str,
-        "auto (default) | thread | process | interleaved: where background sleep runs",
+        "auto (default) | thread | process | interleaved | offload: where background sleep runs",
     ),
     (
         "--sleep-share",
         "sleep_share",
         float,
-        "interleaved: share of the decode thread's time N is planned for (0.35)",
+        "interleaved, offload: share of the decode thread's time N is planned for (0.35)",
     ),
     ("--sleeper-nice", "sleeper_nice", int, "nice value of the sleeper process, 0 (default) to 19"),
     (
@@ -100,10 +100,18 @@ def server_cpus(settings: Settings, allowed: set[int], torch_threads: int) -> se
         if not cpus <= allowed:
             raise ValueError(f"cpu_affinity {sorted(cpus)}: this process may only use CPUs {sorted(allowed)}")
         return cpus
-    interleaved = settings.sleep_worker in ("auto", "interleaved") or settings.sleep_mode == "inline"
+    interleaved = (
+        settings.sleep_worker in ("auto", "interleaved", "offload") or settings.sleep_mode == "inline"
+    )
     if settings.device != "cpu" or torch_threads != 1 or not interleaved or len(allowed) < 2:
         return None
     return {max(allowed)}
+
+
+def sleeper_cpus(allowed: set[int], server: set[int] | None) -> set[int] | None:
+    """The CPUs of `allowed` that the server's threads, pinned to `server` (None: not pinned), leave
+    free for a sleeper process; None if none."""
+    return (allowed - server) or None if server is not None else None
 
 
 def serve(argv: list[str]) -> int:
@@ -118,11 +126,12 @@ def serve(argv: list[str]) -> int:
     )
 
     try:
-        cpus = server_cpus(settings, os.sched_getaffinity(0), torch.get_num_threads())
+        allowed = os.sched_getaffinity(0)
+        cpus = server_cpus(settings, allowed, torch.get_num_threads())
         if cpus is not None:  # before any thread starts: they all inherit it
             os.sched_setaffinity(0, cpus)
             logging.getLogger("sleepserve").info("the server's threads run on CPUs %s", sorted(cpus))
-        app = create_app(settings)
+        app = create_app(settings, sleeper_cpus=sleeper_cpus(allowed, cpus))
     except (CheckpointError, ValueError) as exc:
         print(f"sleepserve: {exc}", file=sys.stderr)
         return 2

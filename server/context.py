@@ -65,7 +65,12 @@ def load_model(settings: Settings) -> HybridLM:
     return model
 
 
-def build_server(settings: Settings, model: HybridLM | None = None) -> Server:
+def build_server(
+    settings: Settings, model: HybridLM | None = None, sleeper_cpus: set[int] | None = None
+) -> Server:
+    """The server of `settings` (`model`: instead of loading the checkpoint). `sleeper_cpus`: the CPUs
+    its threads leave free (`server.cli.sleeper_cpus`), where a sleeper process runs, and where
+    `sleep_worker=auto` offloads sleep on CPU (without them it sleeps interleaved)."""
     model = model if model is not None else load_model(settings)
     config = model.config
     fixed = settings.sleep_passes if isinstance(settings.sleep_passes, int) else config.sleep_passes
@@ -75,8 +80,16 @@ def build_server(settings: Settings, model: HybridLM | None = None) -> Server:
     if settings.sleep_mode == "background":
         policy = DepthPolicy(settings.min_passes, settings.max_passes)
         isolation = settings.sleep_worker
-        if isolation == "auto":
-            isolation = "interleaved" if model.device.type == "cpu" else "thread"
+        if isolation == "auto":  # on CPU: offloaded where the server's threads leave cores free
+            isolation = (
+                ("offload" if sleeper_cpus else "interleaved") if model.device.type == "cpu" else "thread"
+            )
+        sleeper = isolation in ("process", "offload")
+        log.info(
+            "background sleep: %s%s",
+            isolation,
+            f", its process on CPUs {sorted(sleeper_cpus)}" if sleeper_cpus and sleeper else "",
+        )
         executor = SleepExecutor(
             model,
             policy=policy,
@@ -85,6 +98,7 @@ def build_server(settings: Settings, model: HybridLM | None = None) -> Server:
             nice=settings.sleeper_nice,
             batch_wait=settings.sleep_batch_wait,
             share=settings.sleep_share,
+            sleeper_cpus=sleeper_cpus,
         )
         executor.calibrate(config.window)
     store = open_store(

@@ -81,6 +81,13 @@ class Metrics:
             "Consolidations that finished after their deadline, or once their session waited for them.",
             registry=r,
         )
+        self.sleep_rolling_passes = Counter(
+            p + "sleep_rolling_passes",
+            "Passes of interleaved sleep over its rolling batch, by what ran them: the decode thread, or "
+            "(offload) the sleeper process.",
+            ["runner"],
+            registry=r,
+        )
         self.decode_stall = Histogram(
             p + "decode_stall_seconds",
             "Time a session's decode waited for its own sleep.",

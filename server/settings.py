@@ -30,8 +30,12 @@ class Settings(BaseSettings):
     # Where a background sleep runs: a thread of this process ("thread": on CUDA in its own stream), a
     # child process ("process": on CPU it then never holds the decode loop's GIL), or the decode
     # thread itself between its steps ("interleaved": a slice at a time, paced to the deadlines, N
-    # planned to take at most `sleep_share` of its time). "auto": interleaved on CPU (where a sleeper
-    # beside the decode loop competes with it and the event loop for the cores), thread on CUDA.
+    # planned to take at most `sleep_share` of its time), or interleaved with its passes handed to a
+    # child process on the cores the server's threads leave free while that one keeps up ("offload":
+    # the child runs only on time no other thread wants, and the decode thread runs a pass itself
+    # where the child is late). "auto": on CPU offload where the server's threads leave cores free
+    # (`cpu_affinity` auto on two cores or more), else interleaved (a sleeper beside the decode loop
+    # would compete with it and the event loop for the cores); thread on CUDA.
     sleep_worker: Literal["auto"] | Isolation = "auto"
     sleep_share: float = Field(0.35, gt=0, lt=1)
     # How far below the server the sleeper process runs (a nice value, 0-19): on a machine whose cores
@@ -44,9 +48,9 @@ class Settings(BaseSettings):
     # between their caches: on 2 cores, decode steps took 1.35-2.4 ms, switching between the two as
     # the kernel moved the threads, against a steady 1.2 ms on one core (a throwaway timing of the
     # engine in-process; the README has it). "auto": one core, the last the process may use, on CPU
-    # when torch runs one thread and background sleep is interleaved (a sleeper thread or process
-    # needs cores of its own, and so do torch's threads); "none": as the kernel places them; else CPU
-    # ids, comma-separated.
+    # when torch runs one thread and background sleep is interleaved or offloaded (whose child then
+    # runs on the other cores; a sleeper thread or process needs cores of its own, and so do torch's
+    # threads); "none": as the kernel places them; else CPU ids, comma-separated.
     cpu_affinity: str = "auto"
     sleep_passes: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     # The idle trigger: consolidate a session's tail after this many idle seconds (None: off; needs a
@@ -94,8 +98,10 @@ class Settings(BaseSettings):
             raise ValueError(f"min_passes ({self.min_passes}) exceeds max_passes ({self.max_passes})")
         if self.idle_worker == "remote" and not self.store.startswith(("redis://", "rediss://")):
             raise ValueError("idle_worker=remote needs the Redis store")
-        if self.sleep_worker == "process" and self.device != "cpu":
-            raise ValueError("sleep_worker=process runs on CPU; on a GPU use thread (its own CUDA stream)")
+        if self.sleep_worker in ("process", "offload") and self.device != "cpu":
+            raise ValueError(
+                f"sleep_worker={self.sleep_worker} runs on CPU; on a GPU use thread (its own CUDA stream)"
+            )
         if self.sleeper_nice and self.sleep_worker != "process":
             raise ValueError(
                 "sleeper_nice sets the sleeper process's priority: it needs sleep_worker=process"

@@ -15,9 +15,9 @@ import torch
 from support import GatedModel
 
 from model.hybrid import HybridLM
-from scheduler.executor import SleepExecutor
+from scheduler.executor import Isolation, SleepExecutor
 from scheduler.jobs import ConsolidationJob
-from scheduler.policy import DepthPolicy
+from scheduler.policy import DepthPolicy, PassCosts
 from server.metrics import Metrics
 
 
@@ -320,12 +320,14 @@ def test_work_ahead_counts_batches_not_jobs(model: HybridLM) -> None:
         assert [f.result(timeout=30).batch_size for f in queued] == [4, 4, 4, 4]
 
 
-def interleaved(model: HybridLM, clock: Callable[[], float] = time.monotonic, **kw) -> SleepExecutor:
+def interleaved(
+    model: HybridLM, clock: Callable[[], float] = time.monotonic, isolation: Isolation = "interleaved", **kw
+) -> SleepExecutor:
     """An interleaved executor whose policy plans a pass over 8 tokens at 1 ms for any batch (no margin)."""
     policy = DepthPolicy(1, 8, deviations=0.0, clock=clock)
     for rows in (1, 8):
         policy.seed(8, 0.001, rows)
-    return SleepExecutor(model, policy=policy, isolation="interleaved", clock=clock, **kw)
+    return SleepExecutor(model, policy=policy, isolation=isolation, clock=clock, **kw)
 
 
 def test_interleaved_equals_model_sleep_and_runs_only_on_the_callers_turn(model: HybridLM) -> None:
@@ -408,6 +410,101 @@ def test_interleaved_learns_the_pass_cost_from_one_pass_sleeps_too(model: Hybrid
     assert policy.observed == [(8, 1, 2)]
     # planned from the pass it timed, no longer from the per-token default
     assert policy.pass_seconds(8, rows=2, margin=False) != policy.token_pass_seconds * 8 * 2
+
+
+def offloading(model: HybridLM, helper_pass_seconds: float, **kw) -> SleepExecutor:
+    """`interleaved`'s executor with its passes offloaded, the helper expected to take
+    `helper_pass_seconds` a pass (no margin), on a CPU of this process's."""
+    executor = interleaved(model, isolation="offload", sleeper_cpus={min(os.sched_getaffinity(0))}, **kw)
+    executor._helper_costs = PassCosts(deviations=0.0)
+    for rows in (1, 8):
+        executor._helper_costs.seed(8, helper_pass_seconds, rows)
+    return executor
+
+
+def run_until_done(executor: SleepExecutor, futures: list, timeout: float = 60.0) -> None:
+    """Lend the executor the caller's turns, as the engine does after each step, until `futures` are done."""
+    end = time.monotonic() + timeout
+    while not all(f.done() for f in futures):
+        executor.run_interleaved(busy=0.001)
+        time.sleep(0.001)
+        assert time.monotonic() < end, "the offloaded sleeps did not finish"
+
+
+def test_offload_runs_the_passes_in_an_idle_sleeper_process_with_model_sleeps_results(
+    model: HybridLM,
+) -> None:
+    """Offloaded, a batch's passes run in the sleeper process (on the CPUs given, only on time nothing
+    else wants) while it keeps to its expected pace: the caller's turns run no slice, and the results
+    equal each job run alone by `model.sleep`."""
+    metrics = Metrics()
+    executor = offloading(model, helper_pass_seconds=30.0, metrics=metrics)
+    try:
+        helper = executor._helper
+        assert helper is not None
+        jobs = [random_job(model, seed, passes=3) for seed in (81, 82, 83)]
+        futures = executor.submit_all(jobs)
+        run_until_done(executor, futures)
+        assert executor._slept == 0.0  # not a slice on the caller's thread
+        assert os.sched_getaffinity(helper._process.pid) == {min(os.sched_getaffinity(0))}
+        assert os.sched_getscheduler(helper._process.pid) == os.SCHED_IDLE
+    finally:
+        executor.shutdown()
+    assert not helper._process.is_alive()
+    for job, future in zip(jobs, futures, strict=True):
+        result = future.result(timeout=0)
+        assert (result.passes, result.batch_size) == (3, 3) and result.seconds > 0
+        for got, want in zip(result.memory, direct(model, job, 3), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    passes = "sleepserve_sleep_rolling_passes_total"
+    assert sample(metrics, passes, {"runner": "sleeper_process"}) == 3
+    assert sample(metrics, passes, {"runner": "decode_thread"}) == 0
+    assert sample(metrics, "sleepserve_sleep_passes_sum") == 9
+
+
+def test_offload_races_a_late_sleeper_and_outlives_a_dead_one(model: HybridLM) -> None:
+    """A pass the sleeper process takes longer over than its passes take is run on the caller's turns
+    too, the first to finish ending it; a waiter (`wait`) runs it at once. A sleeper killed with
+    SIGKILL mid-pass leaves the decode thread to run every pass from then on. Every result equals its
+    job run alone."""
+    metrics = Metrics()
+    executor = offloading(model, helper_pass_seconds=0.0, metrics=metrics)  # always late: raced
+    try:
+        job = random_job(model, 91, passes=3)
+        future = executor.submit(job)
+        run_until_done(executor, [future])
+        assert executor._slept > 0  # the caller's turns ran slices
+        runners = [
+            sample(metrics, "sleepserve_sleep_rolling_passes_total", {"runner": r})
+            for r in ("decode_thread", "sleeper_process")
+        ]
+        assert sum(runners) == 3  # each pass ended once, by whichever finished it first
+        for got, want in zip(future.result(timeout=0).memory, direct(model, job, 3), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    finally:
+        executor.shutdown()
+
+    executor = offloading(model, helper_pass_seconds=30.0)
+    try:
+        helper = executor._helper
+        assert helper is not None
+        jobs = [random_job(model, seed, passes=2) for seed in (92, 93)]
+        futures = executor.submit_all(jobs)
+        executor.run_interleaved(busy=0.001)  # the first pass goes to the sleeper
+        assert executor._at_helper is not None
+        os.kill(helper._process.pid, signal.SIGKILL)
+        helper._process.join(timeout=10)
+        executor.wait(futures, timeout=60)  # a waiter runs the pass itself, and finds the sleeper gone
+        run_until_done(executor, futures)
+        assert executor._helper is None  # no more offloading
+        later = random_job(model, 94, passes=2)
+        futures.append(executor.submit(later))
+        run_until_done(executor, futures[2:])
+    finally:
+        executor.shutdown()
+    for job, future in zip([*jobs, later], futures, strict=True):
+        for got, want in zip(future.result(timeout=0).memory, direct(model, job, 2), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 def test_interleaved_shutdown_finishes_or_fails_the_batch_in_progress(model: HybridLM) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from server import cli
 from server.cli import main, settings_from_args
+from server.context import build_server
+from server.settings import Settings
 
 
 def test_flags_override_the_environment(monkeypatch):
@@ -28,11 +32,12 @@ def test_missing_checkpoint_fails_clearly(monkeypatch, capsys, tmp_path):
 def test_invalid_settings_and_commands(capsys):
     assert main(["serve", "--min-passes", "5", "--max-passes", "2"]) == 2
     assert "min_passes" in capsys.readouterr().err
-    assert main(["serve", "--sleep-worker", "process", "--device", "cuda"]) == 2
-    assert "sleep_worker=process runs on CPU" in capsys.readouterr().err
+    for worker in ("process", "offload"):
+        assert main(["serve", "--sleep-worker", worker, "--device", "cuda"]) == 2
+        assert f"sleep_worker={worker} runs on CPU" in capsys.readouterr().err
     assert main(["serve", "--sleep-worker", "fork"]) == 2
     assert "sleep_worker" in capsys.readouterr().err
-    for worker in ("thread", "interleaved", "auto"):
+    for worker in ("thread", "interleaved", "offload", "auto"):
         assert main(["serve", "--sleeper-nice", "10", "--sleep-worker", worker]) == 2
         assert "sleeper_nice sets the sleeper process's priority" in capsys.readouterr().err
     assert main(["serve", "--sleeper-nice", "20"]) == 2
@@ -65,6 +70,7 @@ def test_subcommands_dispatch(monkeypatch, name):
     [
         ([], 1, {0, 1, 2, 3}, {3}),  # interleaved on CPU: the last core
         (["--sleep-worker", "interleaved"], 1, {2, 5}, {5}),
+        (["--sleep-worker", "offload"], 1, {0, 1}, {1}),  # its sleeper process takes the other cores
         (["--sleep-mode", "inline"], 1, {0, 1}, {1}),
         ([], 2, {0, 1}, None),  # torch's own threads need the cores
         (["--sleep-worker", "process"], 1, {0, 1}, None),  # the sleeper needs a core of its own
@@ -83,3 +89,28 @@ def test_cpu_affinity_outside_the_allowed_cpus_or_malformed_is_refused(capsys):
         cli.server_cpus(settings_from_args(["--cpu-affinity", "7"]), {0, 1}, 1)
     assert main(["serve", "--cpu-affinity", "first"]) == 2
     assert "cpu_affinity" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "allowed,server,expected",
+    [({0, 1}, {1}, {0}), ({0, 2, 3}, {3}, {0, 2}), ({0, 1}, None, None), ({1}, {1}, None)],
+)
+def test_the_sleeper_takes_the_cpus_the_server_leaves_free(allowed, server, expected):
+    assert cli.sleeper_cpus(allowed, server) == expected
+
+
+def test_auto_sleep_offloads_to_the_cpus_the_server_leaves_free(tiny_checkpoint):
+    """`sleep_worker=auto` on CPU: offloaded to a sleeper process on the CPUs the server's threads leave
+    free (as `sleepserve serve` passes them), pinned there; interleaved where there are none."""
+    settings = Settings(checkpoint=tiny_checkpoint(), store="memory")
+    interleaved = build_server(settings).engine.executor
+    assert interleaved is not None and interleaved.isolation == "interleaved"
+    interleaved.shutdown()
+    cpu = min(os.sched_getaffinity(0))
+    offloaded = build_server(settings, sleeper_cpus={cpu}).engine.executor
+    try:
+        assert offloaded is not None and offloaded.isolation == "offload"
+        helper = offloaded._helper
+        assert helper is not None and helper.cpus == {cpu}
+    finally:
+        offloaded.shutdown()

@@ -21,17 +21,19 @@ from server.metrics import Metrics
 TOKENIZER = ByteTokenizer()
 
 
-@pytest.fixture(params=["inline", "thread", "process", "interleaved"])
+@pytest.fixture(params=["inline", "thread", "process", "interleaved", "offload"])
 async def make_engine(request):
     """Engines that sleep on the decode thread, on the scheduler's worker (a thread or a child
-    process), or interleaved with the decode steps (the answers must agree)."""
+    process), or interleaved with the decode steps, their passes offloaded to a child process or not
+    (the answers must agree)."""
     engines: list[Engine] = []
 
     def make(model, start: bool = True, **kwargs) -> Engine:
         metrics = Metrics()
         executor = None
         if request.param != "inline":
-            policy = DepthPolicy(1, 8) if request.param == "interleaved" else None  # paces, N stays fixed
+            paced = request.param in ("interleaved", "offload")
+            policy = DepthPolicy(1, 8) if paced else None  # paces, N stays fixed
             executor = SleepExecutor(model, metrics=metrics, isolation=request.param, policy=policy)
         engine = Engine(model, passes=model.config.sleep_passes, metrics=metrics, executor=executor, **kwargs)
         engines.append(engine)
