@@ -122,6 +122,18 @@ class _Row:
 
 
 @dataclass
+class _HelperPass:
+    """Offload: the pass the helper process has (`_Rolling`'s, by identity), when it was sent and until
+    when it has it alone (`SleepExecutor._alone_until`), on the executor's clock; `timed`: its wall time
+    teaches the helper's pass cost (not once the batch was dropped: nobody polls it promptly then)."""
+
+    rolling: _Rolling
+    sent: float
+    alone_until: float
+    timed: bool = True
+
+
+@dataclass
 class _Rolling:
     """Interleaved sleeps in progress, as one batch of chunks of equal length (continuous batching of
     sleep): a pass runs over every row at once, each row at its own pass (a block does not care which),
@@ -377,6 +389,7 @@ class SleepExecutor:
     (`ProcessSleeper`, with `idle`: on time no other thread wants, on `sleeper_cpus`) while that one is
     free, and the decode thread runs a pass itself only where the child takes longer than its passes
     take (`_helper_late`): on a machine with a core to spare, the sleeps leave the decode thread.
+    `sleeper_cpus`: the CPUs a sleeper process runs on (process, offload; None: where the server does).
     `batch_wait`: how long (seconds, of the real clock) a worker may hold the earliest job back for
     equal jobs to join its batch, as when sessions cross their boundaries a few steps apart; only while
     the job can still finish by its deadline (so never a job due now), and no longer once the batch is
@@ -420,12 +433,12 @@ class SleepExecutor:
                 for _ in range(workers)
             ]
         self._rolling: _Rolling | None = None  # interleaved: the sleeps in progress
-        # offload: the child that runs passes, their observed wall time, and the pass it has (since when)
+        # offload: the child that runs passes, their observed wall time, and the pass it has
         self._helper = None
         if isolation == "offload":
             self._helper = ProcessSleeper(model, cpus=sleeper_cpus, idle=True, pass_rows=max_batch)
         self._helper_costs = PassCosts()
-        self._at_helper: tuple[_Rolling, float] | None = None
+        self._at_helper: _HelperPass | None = None
         self._credit = 0.0  # interleaved: seconds of sleep the decode thread owes the sleeps in progress
         self._slept = 0.0  # interleaved: seconds it has spent on them
         self._queue = JobQueue()
@@ -505,10 +518,14 @@ class SleepExecutor:
 
     def reschedule(self, job: ConsolidationJob, deadline: float) -> None:
         """`job` is due at `deadline` from now on (on `now`'s clock), a closer estimate of when its
-        session needs it: it takes its place in the EDF queue, and interleaved, the pace follows it."""
+        session needs it: it takes its place in the EDF queue, and interleaved, the pace follows it (and
+        offloaded, how long the helper may keep its pass alone)."""
         with self._cond:
             job.deadline = deadline
             self._queue.reschedule(job)
+        at = self._at_helper
+        if at is not None and any(row.job is job for row in at.rolling.rows):
+            at.alone_until = self._alone_until(at.rolling, at.sent)
 
     def due_now(self, job: ConsolidationJob) -> None:
         """Its session waits for `job`: it is due now and late when it ends, a missed deadline (which
@@ -759,7 +776,7 @@ class SleepExecutor:
         if rolling is None and not len(self._queue):  # most steps of a quiet server
             self._credit = 0.0
             return
-        if rolling is not None and rolling.current is None and not self._helper_late(rolling):
+        if rolling is not None and rolling.current is None and not self._helper_late():
             self._credit = 0.0  # offload: the helper has the pass and keeps to its time
             return
         self._credit += busy * self._pace()
@@ -828,7 +845,7 @@ class SleepExecutor:
         rolling = self._rolling
         assert rolling is not None
         if rolling.current is None:
-            if paced and not self._helper_late(rolling):
+            if paced and not self._helper_late():
                 return None
             rolling.current = self.model.pass_slices(rolling.h, rolling.fast, memory_only=rolling.memory_only)
         start, ended, failed = time.perf_counter(), None, None
@@ -898,6 +915,8 @@ class SleepExecutor:
     def _drop_rolling(self, exc: BaseException) -> None:
         """End the rolling batch now, its rows' futures with `exc`."""
         assert self._rolling is not None
+        if self._at_helper is not None and self._at_helper.rolling is self._rolling:
+            self._at_helper.timed = False  # its reply may wait for the next request's steps
         rows, self._rolling = self._rolling.rows, None
         self._release([row.job for row in rows])
         self._fail([(row.job, row.future) for row in rows], exc)
@@ -986,30 +1005,49 @@ class SleepExecutor:
         except Exception as exc:
             self._stop_offloading(exc)
             return False
-        self._at_helper = (rolling, self.clock())
+        sent = self.clock()
+        self._at_helper = _HelperPass(rolling, sent, self._alone_until(rolling, sent))
         return True
+
+    def _alone_until(self, rolling: _Rolling, sent: float) -> float:
+        """When (on `clock`) the decode thread takes up the pass `rolling` it sent the helper at `sent`:
+        once the helper has had it as long as its passes of that shape take (with the planning margin:
+        see `PassCosts`), or once the rows could wait no longer without a pace at its most (`_pace`) to
+        finish it and theirs here. Set when the pass is sent, or a row's deadline moves, not every step."""
+        most, now = self._most / (1 - self._most), self.now()
+        wait = min(
+            row.job.deadline - now - row.passes_left * rolling.per_pass / (_PACE_TARGET * most)
+            for row in rolling.rows
+        )
+        return min(
+            sent + self._helper_costs.pass_seconds(rolling.tokens, len(rolling.rows)), self.clock() + wait
+        )
 
     def _collect(self) -> None:
         """Offload: take the helper's pass once it is back. It ends the pass under way if that is still
         the one (the helper finished first); one that was finished here meanwhile, or dropped, is
         dropped. A pass the helper failed is run here."""
-        if self._at_helper is None:
+        at = self._at_helper
+        if at is None:
             return
         assert self._helper is not None
-        sent, since = self._at_helper
+        rolling = at.rolling
         try:
             reply = self._helper.pass_reply()
         except Exception as exc:
             self._stop_offloading(exc)
-            if sent.current is None:
-                sent.current = self.model.pass_slices(sent.h, sent.fast, memory_only=sent.memory_only)
+            if rolling.current is None:
+                rolling.current = self.model.pass_slices(
+                    rolling.h, rolling.fast, memory_only=rolling.memory_only
+                )
             return
         if reply is None:
             return
         self._at_helper = None
-        self._helper_costs.observe(sent.tokens, 1, self.clock() - since, len(sent.rows))
-        if self._rolling is sent:
-            self._end_pass(sent, *reply)
+        if at.timed:
+            self._helper_costs.observe(rolling.tokens, 1, self.clock() - at.sent, len(rolling.rows))
+        if self._rolling is rolling:
+            self._end_pass(rolling, *reply)
 
     def _stop_offloading(self, exc: BaseException) -> None:
         """The helper failed: the decode thread runs every pass from now on (interleaved)."""
@@ -1018,16 +1056,10 @@ class SleepExecutor:
         self._helper.close()
         self._helper, self._at_helper = None, None
 
-    def _helper_late(self, rolling: _Rolling) -> bool:
-        """Offload: whether the decode thread runs the helper's pass too: the helper has had it longer
-        than its passes of that shape take (with the planning margin: see `PassCosts`), or waiting on
-        would leave the sleeps a pace of the most it may take (`_pace`) to finish here."""
-        if self._at_helper is None:  # shut down
-            return True
-        waited = self.clock() - self._at_helper[1]
-        if waited > self._helper_costs.pass_seconds(rolling.tokens, len(rolling.rows)):
-            return True
-        return self._pace() >= self._most / (1 - self._most)
+    def _helper_late(self) -> bool:
+        """Offload: whether the decode thread runs the helper's pass too: the helper has had it alone as
+        long as it may (`_alone_until`)."""
+        return self._at_helper is None or self.clock() > self._at_helper.alone_until
 
     def _release(self, jobs: list[ConsolidationJob]) -> None:
         with self._cond:
