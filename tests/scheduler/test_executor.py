@@ -507,6 +507,25 @@ def test_offload_races_a_late_sleeper_and_outlives_a_dead_one(model: HybridLM) -
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
+def test_offload_takes_a_pass_back_once_its_rows_cannot_wait(model: HybridLM) -> None:
+    """However long the sleeper's passes may take, the decode thread takes a pass up once its rows
+    could wait no longer without a pace at its most; a row due sooner (`reschedule`) brings that
+    moment forward."""
+    executor = offloading(model, helper_pass_seconds=30.0)
+    try:
+        job = random_job(model, 95, passes=3)  # due in a minute
+        future = executor.submit(job)
+        executor.run_interleaved(busy=0.001)  # the first pass goes to the sleeper
+        assert executor._at_helper is not None and not executor._helper_late()
+        executor.reschedule(job, executor.now() + 0.001)  # 3 passes of 1 ms left: no time to wait
+        assert executor._helper_late()
+        run_until_done(executor, [future])
+    finally:
+        executor.shutdown()
+    for got, want in zip(future.result(timeout=0).memory, direct(model, job, 3), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 def test_interleaved_shutdown_finishes_or_fails_the_batch_in_progress(model: HybridLM) -> None:
     executor = interleaved(model)
     running, queued = executor.submit_all([random_job(model, 51, passes=2), random_job(model, 52, tokens=5)])
