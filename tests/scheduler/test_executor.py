@@ -423,7 +423,9 @@ def offloading(model: HybridLM, helper_pass_seconds: float, **kw) -> SleepExecut
 
 
 def run_until_done(executor: SleepExecutor, futures: list, timeout: float = 60.0) -> None:
-    """Lend the executor the caller's turns, as the engine does after each step, until `futures` are done."""
+    """Lend the executor the caller's turns, as the engine does after each step, until `futures` are done
+    (what the decode thread runs is paced to the jobs' deadlines: give them deadlines well inside
+    `timeout`)."""
     end = time.monotonic() + timeout
     while not all(f.done() for f in futures):
         executor.run_interleaved(busy=0.001)
@@ -470,7 +472,7 @@ def test_offload_races_a_late_sleeper_and_outlives_a_dead_one(model: HybridLM) -
     metrics = Metrics()
     executor = offloading(model, helper_pass_seconds=0.0, metrics=metrics)  # always late: raced
     try:
-        job = random_job(model, 91, passes=3)
+        job = random_job(model, 91, passes=3, deadline=time.monotonic() + 2.0)
         future = executor.submit(job)
         run_until_done(executor, [future])
         assert executor._slept > 0  # the caller's turns ran slices
@@ -488,7 +490,7 @@ def test_offload_races_a_late_sleeper_and_outlives_a_dead_one(model: HybridLM) -
     try:
         helper = executor._helper
         assert helper is not None
-        jobs = [random_job(model, seed, passes=2) for seed in (92, 93)]
+        jobs = [random_job(model, seed, passes=2, deadline=time.monotonic() + 2.0) for seed in (92, 93)]
         futures = executor.submit_all(jobs)
         executor.run_interleaved(busy=0.001)  # the first pass goes to the sleeper
         assert executor._at_helper is not None
@@ -497,7 +499,7 @@ def test_offload_races_a_late_sleeper_and_outlives_a_dead_one(model: HybridLM) -
         executor.wait(futures, timeout=60)  # a waiter runs the pass itself, and finds the sleeper gone
         run_until_done(executor, futures)
         assert executor._helper is None  # no more offloading
-        later = random_job(model, 94, passes=2)
+        later = random_job(model, 94, passes=2, deadline=time.monotonic() + 2.0)
         futures.append(executor.submit(later))
         run_until_done(executor, futures[2:])
     finally:
