@@ -561,9 +561,7 @@ class SleepExecutor:
                 self._drop_rolling(RuntimeError("the sleep executor is shut down"))
             while wait and self._run_slice() is not None:
                 pass
-            if self._helper is not None:  # a pass it still has is dropped with it
-                self._helper.close()
-                self._helper, self._at_helper = None, None
+            self._close_helper()  # a pass it still has is dropped with it
         if wait:
             for thread in self._threads:
                 thread.join()
@@ -1052,8 +1050,12 @@ class SleepExecutor:
     def _stop_offloading(self, exc: BaseException) -> None:
         """The helper failed: the decode thread runs every pass from now on (interleaved)."""
         log.error("the sleeper process failed (%r): sleep passes run on the decode thread from now on", exc)
-        assert self._helper is not None
-        self._helper.close()
+        self._close_helper()
+
+    def _close_helper(self) -> None:
+        """Offload: stop the helper process (no more passes go to it)."""
+        if self._helper is not None:
+            self._helper.close()
         self._helper, self._at_helper = None, None
 
     def _helper_late(self) -> bool:

@@ -100,10 +100,11 @@ def server_cpus(settings: Settings, allowed: set[int], torch_threads: int) -> se
         if not cpus <= allowed:
             raise ValueError(f"cpu_affinity {sorted(cpus)}: this process may only use CPUs {sorted(allowed)}")
         return cpus
-    interleaved = (
+    # interleaved and offloaded sleep run on the decode thread or outside this process's cores
+    turns_only = (
         settings.sleep_worker in ("auto", "interleaved", "offload") or settings.sleep_mode == "inline"
     )
-    if settings.device != "cpu" or torch_threads != 1 or not interleaved or len(allowed) < 2:
+    if settings.device != "cpu" or torch_threads != 1 or not turns_only or len(allowed) < 2:
         return None
     return {max(allowed)}
 
@@ -111,7 +112,9 @@ def server_cpus(settings: Settings, allowed: set[int], torch_threads: int) -> se
 def sleeper_cpus(allowed: set[int], server: set[int] | None) -> set[int] | None:
     """The CPUs of `allowed` that the server's threads, pinned to `server` (None: not pinned), leave
     free for a sleeper process; None if none."""
-    return (allowed - server) or None if server is not None else None
+    if server is None:
+        return None
+    return (allowed - server) or None
 
 
 def serve(argv: list[str]) -> int:
