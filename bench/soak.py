@@ -1,0 +1,432 @@
+"""Soak: sustained mixed load on one server with its sessions in Redis, through a kill -9 of the server
+and a restart of Redis, minute by minute.
+
+`--sessions` sessions (created first, `POST /v1/sessions`) on a real `redis-server` with AOF (every
+write on disk before it answers), `--in-flight` requests at all times: each client takes an idle
+session and sends it one turn, a completion or a chat turn, streamed or not (seeded, a quarter each),
+of `--input-len` new random characters and `--output-len` tokens (temperature 1, `ignore_eos`). The
+server runs the shipped checkpoint with adaptive depth (`--sleep-passes auto`) and its defaults
+otherwise. At `SERVER_KILL_AT` of the run the server is killed (SIGKILL) and started again on its
+port; at `REDIS_RESTART_AT`, Redis is (SIGKILL, then started on its AOF). A request that fails while
+either is down, or until a lease the dead server held has expired (`--session-lease-ttl` after the
+server answers again), fails in a restart window; any other failure breaks the first floor.
+
+Per minute (by the time a request ended): ITL p50/p99 and TTFT p50/p99 of the streamed requests,
+requests, errors by kind, and from the server's /metrics the sleeps (`sleepserve_sleep_passes_count`)
+and deadline misses started in it, and the server's RSS at its end. At the end every session is read
+back: its stored turns (its version − 1) must equal the turns answered 200, and its tokens the
+`session_tokens_total` of its last one. Writes bench/results/soak.json and soak.png and prints the
+floors:
+- 0 requests failed outside the restart windows;
+- 0 sessions lost or inconsistent (turns stored = turns answered 200, tokens as the last answer said);
+- RSS at the end of the last minute < 1.05x that at the end of the first;
+- p99 ITL of the last minute <= 1.2x the first minute's;
+- deadline misses <= 1% of sleeps.
+
+    python -m bench.soak                 # 8 minutes
+    python -m bench.soak --smoke --out /tmp/soak.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import random
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.decode_scaling import machine
+from bench.procs import RedisProcess, ServerProcess
+from bench.serve import random_text, stream_request
+from bench.sleep_overlap import scrape
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SERVER_KILL_AT, REDIS_RESTART_AT = 0.4, 0.65  # of the run
+KINDS = [(endpoint, stream) for endpoint in ("completion", "chat") for stream in (True, False)]
+
+
+@dataclass
+class Workload:
+    minutes: int = 8
+    minute_seconds: float = 60.0
+    sessions: int = 32
+    in_flight: int = 16
+    input_len: int = 48
+    output_len: int = 48
+    lease_ttl: float = 15.0  # the server's session lease: a dead server's leases block this long
+    seed: int = 0
+
+
+SMOKE = Workload(
+    minutes=3, minute_seconds=3.0, sessions=4, in_flight=2, input_len=16, output_len=8, lease_ttl=2.0
+)
+
+
+@dataclass
+class Turn:
+    """One request, as the client saw it (times in seconds since the start)."""
+
+    session: str
+    start: float
+    end: float = 0.0
+    ok: bool = False
+    error: str = ""  # its kind
+    ttft: float | None = None  # streamed ones only
+    itl: list[float] = field(default_factory=list)
+    session_tokens: int | None = None
+
+
+@dataclass
+class Outage:
+    """A restart window: from the kill until the process answered again (plus `tail` seconds)."""
+
+    what: str
+    start: float
+    end: float = float("inf")
+
+    def covers(self, turn: Turn) -> bool:
+        return turn.start < self.end and turn.end > self.start
+
+
+def error_kind(error: str) -> str:
+    """A short kind for a failed request's error text."""
+    if error.startswith("HTTP "):
+        status = error[5:8]
+        try:
+            code = json.loads(error.split(": ", 1)[1])["error"].get("code")
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError):
+            code = None
+        return f"http_{status}" + (f"_{code}" if code else "")
+    if error.startswith("stream error: "):
+        try:
+            return "stream_" + str(json.loads(error[len("stream error: ") :]).get("code") or "error")
+        except ValueError:
+            return "stream_error"
+    return error.split(":", 1)[0] or "unknown"
+
+
+class Soak:
+    def __init__(self, work: Workload, server: ServerProcess, redis_proc: RedisProcess) -> None:
+        self.work, self.server, self.redis = work, server, redis_proc
+        self.rng = random.Random(work.seed)
+        self.turns: list[Turn] = []
+        self.outages: list[Outage] = []
+        self.sessions: dict[str, list[Turn]] = {}
+        self.t0 = 0.0
+        self.samples: list[dict[str, float]] = []  # per minute end: counters, rss
+        self._base: Counter[str] = Counter()  # what the server processes killed so far counted
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    async def run(self) -> None:
+        work = self.work
+        async with httpx.AsyncClient(base_url=self.server.url, timeout=120) as client:
+            for _ in range(work.sessions):
+                response = await client.post("/v1/sessions")
+                response.raise_for_status()
+                self.sessions[response.json()["id"]] = []
+            model = (await client.get("/v1/models")).json()["data"][0]["id"]
+            idle: asyncio.Queue[str] = asyncio.Queue()
+            for session in self.rng.sample(list(self.sessions), len(self.sessions)):
+                idle.put_nowait(session)
+            duration = work.minutes * work.minute_seconds
+            self.t0 = time.perf_counter()
+            stop = asyncio.Event()
+            clients = [
+                asyncio.create_task(self._client(client, model, idle, stop, random.Random(work.seed + i)))
+                for i in range(work.in_flight)
+            ]
+            await self._conduct(client, duration)
+            stop.set()
+            await asyncio.gather(*clients)
+
+    async def _conduct(self, client: httpx.AsyncClient, duration: float) -> None:
+        """Sample every minute; kill and restart the server, then Redis, at their moments."""
+        events = [
+            (SERVER_KILL_AT * duration, self._restart_server),
+            (REDIS_RESTART_AT * duration, self._restart_redis),
+        ]
+        for minute in range(1, self.work.minutes + 1):
+            end = minute * self.work.minute_seconds
+            while events and events[0][0] < end:
+                at, action = events.pop(0)
+                await asyncio.sleep(max(0.0, at - self.now()))
+                await action(client)
+            await asyncio.sleep(max(0.0, end - self.now()))
+            self.samples.append(await self._sample(client))
+
+    async def _counters(self, client: httpx.AsyncClient) -> Counter[str]:
+        """The server process's sleeps and deadline misses so far."""
+        text = (await client.get("/metrics")).text
+        return Counter(
+            sleeps=scrape(text, "sleepserve_sleep_passes_count"),
+            misses=scrape(text, "sleepserve_sleep_deadline_misses_total"),
+        )
+
+    async def _sample(self, client: httpx.AsyncClient) -> dict[str, float]:
+        """The server's counters since the run began (across restarts) and its RSS now."""
+        total = self._base + await self._counters(client)
+        return {"sleeps": total["sleeps"], "misses": total["misses"], "rss": rss_bytes(self.server.pid)}
+
+    async def _restart_server(self, client: httpx.AsyncClient) -> None:
+        self._base += await self._counters(client)  # what the process about to die counted
+        outage = Outage("server", self.now())
+        self.outages.append(outage)
+        self.server.kill()
+        await asyncio.to_thread(self.server.start, 180.0, "/ready")
+        outage.end = self.now() + self.work.lease_ttl  # its leases expire by then
+
+    async def _restart_redis(self, client: httpx.AsyncClient) -> None:
+        outage = Outage("redis", self.now())
+        self.outages.append(outage)
+        self.redis.kill()
+        await asyncio.to_thread(self.redis.start)
+        outage.end = self.now() + self.work.lease_ttl  # leases of requests it cut expire by then
+
+    async def _client(
+        self,
+        client: httpx.AsyncClient,
+        model: str,
+        idle: asyncio.Queue[str],
+        stop: asyncio.Event,
+        rng: random.Random,
+    ) -> None:
+        while not stop.is_set():
+            session = await idle.get()
+            endpoint, stream = rng.choice(KINDS)
+            turn = await self._turn(client, model, session, endpoint, stream, rng)
+            self.turns.append(turn)
+            self.sessions[session].append(turn)
+            idle.put_nowait(session)
+            if not turn.ok:  # a server or Redis that is down: do not spin on it
+                await asyncio.sleep(0.5)
+
+    async def _turn(
+        self,
+        client: httpx.AsyncClient,
+        model: str,
+        session: str,
+        endpoint: str,
+        stream: bool,
+        rng: random.Random,
+    ) -> Turn:
+        text = random_text(rng, self.work.input_len)
+        body: dict[str, Any] = {
+            "model": model,
+            "max_tokens": self.work.output_len,
+            "temperature": 1.0,
+            "ignore_eos": True,
+            "session_id": session,
+            "stream": stream,
+        }
+        if endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": text}]
+            path = "/v1/chat/completions"
+        else:
+            body["prompt"] = text
+            path = "/v1/completions"
+        turn = Turn(session, self.now())
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+            record = await stream_request(client, path, body, self.t0, len(text))
+            turn.ok, turn.error = record.success, record.error
+            if record.success:
+                turn.ttft, turn.itl = record.ttft_s, record.itl_s
+                turn.session_tokens = (record.usage or {}).get("session_tokens_total")
+        else:
+            try:
+                response = await client.post(path, json=body)
+                if response.status_code == 200:
+                    turn.ok = True
+                    turn.session_tokens = response.json()["usage"]["session_tokens_total"]
+                else:
+                    turn.error = f"HTTP {response.status_code}: {response.text}"
+            except httpx.HTTPError as exc:
+                turn.error = f"{type(exc).__name__}: {exc}"
+        turn.end = self.now()
+        if turn.ok and turn.session_tokens is None:
+            turn.ok, turn.error = False, "no usage"
+        turn.error = error_kind(turn.error) if not turn.ok else ""
+        return turn
+
+    async def check_sessions(self) -> dict[str, Any]:
+        """Read every session back: lost (not there), and stored turns and tokens against the answers."""
+        lost, inconsistent, stored = [], [], 0
+        async with httpx.AsyncClient(base_url=self.server.url, timeout=60) as client:
+            for session, turns in self.sessions.items():
+                response = await client.get(f"/v1/sessions/{session}")
+                if response.status_code != 200:
+                    lost.append(session)
+                    continue
+                info = response.json()
+                ok = [t for t in turns if t.ok]
+                stored += info["version"] - 1
+                tokens = ok[-1].session_tokens if ok else 0
+                if info["version"] - 1 != len(ok) or info["tokens_seen"] != tokens:
+                    inconsistent.append(session)
+        return {"lost": lost, "inconsistent": inconsistent, "turns_stored": stored}
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (/proc/<pid>/status VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1e3 if values else 0.0
+
+
+def minutes(soak: Soak) -> list[dict[str, Any]]:
+    """The per-minute rows of soak.json (a request counts in the minute it ended)."""
+    rows, before = [], {"sleeps": 0.0, "misses": 0.0}
+    width = soak.work.minute_seconds
+    for minute, sample in enumerate(soak.samples):
+        turns = [t for t in soak.turns if minute * width <= t.end < (minute + 1) * width]
+        itl = [gap for t in turns for gap in t.itl]
+        ttft = [t.ttft for t in turns if t.ttft is not None]
+        errors = Counter(
+            ("restart_window/" if any(o.covers(t) for o in soak.outages) else "") + t.error
+            for t in turns
+            if not t.ok
+        )
+        rows.append(
+            {
+                "minute": minute,
+                "itl_p50_ms": _percentile(itl, 50),
+                "itl_p99_ms": _percentile(itl, 99),
+                "ttft_p50_ms": _percentile(ttft, 50),
+                "ttft_p99_ms": _percentile(ttft, 99),
+                "requests": len(turns),
+                "errors": dict(errors),
+                "sleeps": round(sample["sleeps"] - before["sleeps"]),
+                "deadline_misses": round(sample["misses"] - before["misses"]),
+                "rss_bytes": int(sample["rss"]),
+            }
+        )
+        before = sample
+    return rows
+
+
+def floors(report: dict[str, Any], inconsistent: int) -> dict[str, dict[str, Any]]:
+    rows = report["minutes"]
+    failed = sum(
+        n for row in rows for kind, n in row["errors"].items() if not kind.startswith("restart_window/")
+    )
+    first, last = rows[0], rows[-1]
+    sleeps = sum(row["sleeps"] for row in rows)
+    misses = sum(row["deadline_misses"] for row in rows)
+    rss_growth = last["rss_bytes"] / first["rss_bytes"] - 1
+    itl_ratio = last["itl_p99_ms"] / first["itl_p99_ms"] if first["itl_p99_ms"] else float("inf")
+    return {
+        "no_failures_outside_restarts": {"holds": failed == 0, "value": failed},
+        "no_session_lost_or_inconsistent": {
+            "holds": report["sessions_lost"] == 0
+            and inconsistent == 0
+            and report["turns_stored"] == report["turns_ok"],
+            "value": f"{report['sessions_lost']} lost, {inconsistent} inconsistent, "
+            f"{report['turns_stored']} turns stored of {report['turns_ok']} answered 200",
+        },
+        "rss_growth_under_5pct": {"holds": rss_growth < 0.05, "value": rss_growth},
+        "last_minute_p99_itl_within_1_2x": {"holds": itl_ratio <= 1.2, "value": itl_ratio},
+        "deadline_misses_at_most_1pct": {
+            "holds": misses <= 0.01 * sleeps,
+            "value": misses / sleeps if sleeps else 0.0,
+        },
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["minutes"]
+    x = [row["minute"] for row in rows]
+    fig, axes = plt.subplots(4, 1, figsize=(8, 10), sharex=True)
+    axes[0].plot(x, [r["itl_p50_ms"] for r in rows], "o-", label="ITL p50")
+    axes[0].plot(x, [r["itl_p99_ms"] for r in rows], "o-", label="ITL p99")
+    axes[0].set_ylabel("ms")
+    axes[1].plot(x, [r["ttft_p50_ms"] for r in rows], "o-", label="TTFT p50")
+    axes[1].plot(x, [r["ttft_p99_ms"] for r in rows], "o-", label="TTFT p99")
+    axes[1].set_ylabel("ms")
+    axes[2].plot(x, [r["rss_bytes"] / 2**20 for r in rows], "o-", label="server RSS")
+    axes[2].set_ylabel("MiB")
+    axes[3].bar(x, [r["sleeps"] for r in rows], label="sleeps", alpha=0.4)
+    axes[3].bar(x, [r["deadline_misses"] for r in rows], label="deadline misses")
+    axes[3].set_xlabel("minute")
+    for ax in axes:
+        ax.legend(loc="upper left")
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"soak: {report['sessions']} sessions on Redis, kill -9 and Redis restart ({report['machine']})",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="a small run for CI (about 15 s)")
+    parser.add_argument("--minutes", type=int, help="run length (default 8)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    parser.add_argument("--server-log", type=Path, help="the server's output (default: a temporary file)")
+    parser.add_argument("--server-arg", action="append", default=[], help="an extra server flag (repeatable)")
+    args = parser.parse_args(argv)
+    work = SMOKE if args.smoke else Workload()
+    if args.minutes:
+        work = dataclasses.replace(work, minutes=args.minutes)
+    with tempfile.TemporaryDirectory(prefix="soak-") as folder:
+        redis_proc = RedisProcess(Path(folder), appendonly=True)
+        server = ServerProcess(
+            "server",
+            ["--store", redis_proc.url, "--sleep-passes", "auto", *args.server_arg],
+            args.server_log or Path(folder) / "server.log",
+            {"OMP_NUM_THREADS": "1", "SLEEPSERVE_SESSION_LEASE_TTL": str(work.lease_ttl)},
+        )
+        try:
+            redis_proc.start()
+            server.start(probe="/ready")
+            soak = Soak(work, server, redis_proc)
+            asyncio.run(soak.run())
+            checked = asyncio.run(soak.check_sessions())
+        finally:
+            server.stop()
+            redis_proc.stop()
+    report = {
+        "machine": machine(),
+        "minutes": minutes(soak),
+        "sessions": work.sessions,
+        "sessions_lost": len(checked["lost"]),
+        "turns_ok": sum(t.ok for t in soak.turns),
+        "turns_stored": checked["turns_stored"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out.with_suffix(".png"))
+    for row in report["minutes"]:
+        print(json.dumps(row))
+    for name, floor in floors(report, len(checked["inconsistent"])).items():
+        print(f"{'HOLDS' if floor['holds'] else 'FAILS'}  {name}: {floor['value']}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
