@@ -36,6 +36,7 @@ class _Row:
     future: Future[SleepResult]
     passes_left: int
     seconds: float = 0.0
+    adaptive: bool = False  # its N is the depth policy's, which may shed passes to meet its deadline
 
 
 @dataclass
@@ -249,6 +250,7 @@ class InterleavedExecutor(SleepExecutor):
         for row in rolling.rows:
             row.passes_left -= 1
             row.seconds += spent
+        self._shed(rolling)
         finished = [  # and cancelled: _publish drops them
             b for b, row in enumerate(rolling.rows) if row.passes_left == 0 or row.job.id in self._cancelled
         ]
@@ -267,6 +269,27 @@ class InterleavedExecutor(SleepExecutor):
             self._credit = max(self._credit, 0.0)  # no debt: the next sleep starts on its own pace
             return
         self._roll()
+
+    def _shed(self, rolling: RollingBatch) -> None:
+        """Between passes, cut an adaptive row's passes left to those that still fit before its deadline
+        at the most a pace may take (`_pace`'s cap), never below `min_passes` in all: a shallower sleep
+        on time rather than a deep one late (its session would wait at its boundary). A row cut to none
+        left ends with this pass: the fast weights after k passes are sleep(N = k)'s. Its job's N
+        becomes the passes it runs. (Fixed depths are the operator's: never cut.)"""
+        assert self.policy is not None
+        most, now = self._most / (1 - self._most), self.now()
+        for row in rolling.rows:
+            if not row.adaptive or not row.passes_left:
+                continue
+            assert row.job.passes is not None
+            done = row.job.passes - row.passes_left
+            fit = (
+                math.floor(most * (row.job.deadline - now) / rolling.per_pass) if rolling.per_pass > 0 else 0
+            )
+            keep = max(self.policy.min_passes - done, min(row.passes_left, fit), 0)
+            if keep < row.passes_left:
+                row.job.passes -= row.passes_left - keep
+                row.passes_left = keep
 
     def _drop_cancelled(self) -> None:
         """Drop the rolling batch if every session of it ended (a partly cancelled one goes on: its
@@ -318,6 +341,7 @@ class InterleavedExecutor(SleepExecutor):
                 if row.job.passes is None:
                     due = self._share_deadline(row.job.deadline, self.share)
                     row.job.passes = self.policy.choose(row.job.tokens, due, 0.0, self.max_batch)
+                    row.adaptive = True
                 row.passes_left = row.job.passes
             try:
                 memory, chunk = self._inputs([row.job for row in joining])

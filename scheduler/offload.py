@@ -29,6 +29,7 @@ class _HelperPass:
     rolling: RollingBatch
     sent: float
     alone_until: float
+    rows: int  # the batch's rows when it was sent (a pass that ends here meanwhile takes some out)
     timed: bool = True
 
 
@@ -79,7 +80,7 @@ class OffloadExecutor(InterleavedExecutor):
             self._stop_offloading(exc)
             return False
         sent = self.clock()
-        self._at_helper = _HelperPass(rolling, sent, self._alone_until(rolling, sent))
+        self._at_helper = _HelperPass(rolling, sent, self._alone_until(rolling, sent), len(rolling.rows))
         return True
 
     def _alone_until(self, rolling: RollingBatch, sent: float) -> float:
@@ -118,7 +119,7 @@ class OffloadExecutor(InterleavedExecutor):
             return
         self._at_helper = None
         if at.timed:
-            self._helper_costs.observe(rolling.tokens, 1, self.clock() - at.sent, len(rolling.rows))
+            self._helper_costs.observe(rolling.tokens, 1, self.clock() - at.sent, at.rows)
         if self._rolling is rolling:
             self._end_pass(rolling, *reply)
 

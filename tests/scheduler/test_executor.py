@@ -692,3 +692,60 @@ def test_interleaved_holds_a_job_deeper_than_its_share_while_the_most_pace_fits(
         executor.wait([tight], timeout=30)
     finally:
         executor.shutdown()
+
+
+@pytest.mark.parametrize(("min_passes", "due_in", "shed_to"), [(1, 0.03, 2), (1, 0.0, 1), (3, 0.0, 3)])
+def test_interleaved_sheds_passes_that_would_miss_the_deadline(
+    model: HybridLM, clock, min_passes: int, due_in: float, shed_to: int
+) -> None:
+    """An adaptive sleep (its N the policy's) whose passes left no longer fit before its deadline, even
+    at the most a pace may take, ends shallower and on time, after the passes that fit (never fewer than
+    `min_passes`): its result is `model.sleep`'s at that N. A fixed N in the same batch runs every pass
+    and misses its deadline."""
+    metrics = Metrics()
+    policy = DepthPolicy(min_passes, 4, deviations=0.0, clock=clock)
+    for rows in (1, 8):
+        policy.seed(8, 0.05, rows)  # planned at 50 ms a pass: far more than the tiny model's passes take
+    executor = create_executor(model, policy=policy, isolation="interleaved", clock=clock, metrics=metrics)
+    try:
+        adaptive = random_job(model, 111, passes=None, deadline=executor.now() + 10.0)
+        fixed = random_job(model, 112, passes=4, deadline=executor.now() + 10.0)
+        futures = executor.submit_all([adaptive, fixed])
+        executor.run_interleaved(busy=1e-9)  # the batch starts: one slice of its first pass
+        assert adaptive.passes == 4  # ten seconds of slack: the deepest
+        for job in (adaptive, fixed):  # then their sessions come close: `due_in` of decoding left
+            executor.reschedule(job, executor.now() + due_in)
+        executor.wait(futures[:1], timeout=30)
+        clock.advance(1.0)  # the decode time runs out before the fixed one is done
+        executor.wait(futures[1:], timeout=30)
+    finally:
+        executor.shutdown()
+    shallow, deep = (f.result(timeout=0) for f in futures)
+    # After pass 1, 3 passes of 50 ms are left, and 30 ms of decoding at a pace of at most 2.08x (share
+    # 0.35) fit one of them; due now, none.
+    assert (shallow.passes, shallow.deadline_missed) == (shed_to, False)
+    assert (deep.passes, deep.deadline_missed) == (4, True)
+    for got, want in zip(shallow.memory, direct(model, adaptive, shed_to), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert sample(metrics, "sleepserve_sleep_deadline_misses_total") == 1
+    assert sample(metrics, "sleepserve_sleep_passes_sum") == shed_to + 4
+
+
+def test_offload_learns_a_raced_pass_by_the_rows_it_was_sent_with(model: HybridLM) -> None:
+    """A pass the decode thread finished first may have taken every row out of its batch before the
+    sleeper's reply comes: the sleeper's timing still counts for the rows it ran (it was learnt for no
+    row at all, and the next pass's planning divided by zero)."""
+    executor = offloading(model, helper_pass_seconds=0.0)  # always late: raced
+    try:
+        first = executor.submit(random_job(model, 121, passes=1, deadline=time.monotonic() + 2.0))
+        executor.wait([first], timeout=30)  # the caller's thread runs the pass at once
+        end = time.monotonic() + 30
+        while executor._at_helper is not None:  # the sleeper's reply to the pass it raced
+            executor._collect()
+            assert time.monotonic() < end
+        assert all(rows > 0 for _, rows in executor._helper_costs._costs)
+        second = executor.submit(random_job(model, 122, passes=2, deadline=time.monotonic() + 2.0))
+        run_until_done(executor, [second])
+    finally:
+        executor.shutdown()
+    assert first.result(timeout=0).passes == 1 and second.result(timeout=0).passes == 2
