@@ -672,8 +672,9 @@ def test_interleaved_holds_a_job_deeper_than_its_share_while_the_most_pace_fits(
     model: HybridLM, clock
 ) -> None:
     """A job whose N costs more than `share` of its slack (one held at `min_passes`, say) still waits
-    for equal jobs while its work fits in the most a pace may take (halfway from `share` to all): a row
-    that joined late would take a pass more. One whose work does not fit even so starts at once."""
+    for equal jobs while its work fits in the most a pace may take (halfway from `share` to all) of the
+    time a pace plans to finish in: a row that joined late would take a pass more. One whose work does
+    not fit even so starts at once."""
     executor = interleaved(model, clock, share=0.05, max_batch=2, batch_wait=30.0)
     try:
         # 2 passes of 1 ms: over `share` of 20 ms (1 ms), within the most (0.525: 22 ms).
@@ -686,7 +687,9 @@ def test_interleaved_holds_a_job_deeper_than_its_share_while_the_most_pace_fits(
         executor.wait([held, joined], timeout=30)
         assert [f.result(timeout=30).batch_size for f in (held, joined)] == [2, 2]
 
-        tight = executor.submit(random_job(model, 99, deadline=executor.now() + 0.0015))  # 2 ms in 1.65
+        # 2 ms in the most of 2.5 ms (2.76 ms) would fit, but not in the share of it a pace plans to take
+        # (`PACE_TARGET`, 60%: 1.66 ms), whose rest is the margin for the deadline's estimate
+        tight = executor.submit(random_job(model, 99, deadline=executor.now() + 0.0025))
         executor.run_interleaved(busy=0.01)
         assert tight.running() or tight.done()
         executor.wait([tight], timeout=30)
