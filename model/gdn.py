@@ -97,7 +97,9 @@ class GatedDeltaNet(nn.Module):
             qk = F.normalize(qk, dim=-1)
         q, k = qk.unbind(2)  # both in one go
         # The decay in float32: in half precision exp(A_log) may overflow.
-        g = -self.A_log.float().exp() * F.softplus(self.decay_proj(x).float() + self.dt_bias)  # [B, T, H] log α
+        g = -self.A_log.float().exp() * F.softplus(
+            self.decay_proj(x).float() + self.dt_bias
+        )  # [B, T, H] log α
         beta = torch.sigmoid(self.beta_proj(x))  # [B, T, H]
         return q, k, v.view(B, T, H, V), g, beta, mixed[:, T:].float()
 

@@ -113,7 +113,9 @@ class HybridLM(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         # Which entry of the memory each gdn block reads and writes.
-        self.gdn_index = {i: j for j, i in enumerate(i for i, kind in enumerate(config.layers) if kind == "gdn")}
+        self.gdn_index = {
+            i: j for j, i in enumerate(i for i, kind in enumerate(config.layers) if kind == "gdn")
+        }
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -196,7 +198,9 @@ class HybridLM(nn.Module):
 
     def sleep_slice_count(self, passes: int) -> int:
         """How many times `sleep_slices` yields."""
-        return sum(self.pass_slice_count(memory_only, blocks) for blocks, memory_only in self.sleep_plan(passes))
+        return sum(
+            self.pass_slice_count(memory_only, blocks) for blocks, memory_only in self.sleep_plan(passes)
+        )
 
     def pass_slices(
         self, h: Tensor, fast: Memory, stale: int = 0, memory_only: bool = False, blocks: range | None = None
