@@ -32,3 +32,21 @@ def test_qwen3_5_0_8b_sizes() -> None:
     assert sizes.memory_bytes < sizes.blob_bytes < sizes.memory_bytes + 2 * 4 * config.window_capacity
     per_token = 6 * 2 * 2 * 256 * torch.bfloat16.itemsize  # 12 KiB
     assert sizes.kv_cache_bytes == {32768: 32768 * per_token, 131072: 131072 * per_token}
+
+
+def test_qwen3_5_0_8b_weights_map_onto_our_shapes() -> None:
+    """The real config's weights, as transformers lays them out, map onto ours shape for shape (no
+    weights: both models on the meta device), with the parameter count of the card's text model."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    text = Qwen3_5TextConfig(**{k: v for k, v in QWEN3_5_0_8B.items() if k != "model_type"})
+    config, _ = qwen3_5.model_config(QWEN3_5_0_8B)
+    with torch.device("meta"):
+        theirs = Qwen3_5ForCausalLM(text)
+        ours = HybridLM(config)
+    mapped = {qwen3_5.weight_name(name): t for name, t in theirs.state_dict().items()}
+    mapped = qwen3_5.assemble(mapped, config)
+    assert {n: t.shape for n, t in mapped.items()} == {n: t.shape for n, t in ours.state_dict().items()}
+    count = sum(p.numel() for p in ours.parameters())  # tied: the embedding once
+    assert count == sum(p.numel() for p in theirs.parameters())
+    assert 0.7e9 < count < 0.8e9
