@@ -52,5 +52,9 @@ def test_the_smoke_run_writes_soak_json_and_keeps_every_session(tmp_path) -> Non
     assert any(kind.startswith("restart_window/") for kind in errors), "the kill -9 cut no request"
     assert all(kind.startswith("restart_window/") for kind in errors), errors
     assert sum(row["sleeps"] for row in rows) > 0 and rows[0]["itl_p99_ms"] > 0
-    assert report["sessions_lost"] == 0 and 0 < report["turns_ok"] == report["turns_stored"]
+    # Every turn answered 200 is stored; a turn cut by a restart may be stored too (saved, then the
+    # answer lost), never more of them than were cut.
+    cut = sum(n for row in rows for kind, n in row["errors"].items())
+    assert report["sessions_lost"] == 0 and 0 < report["turns_ok"] <= report["turns_stored"]
+    assert report["turns_stored"] - report["turns_ok"] <= cut
     assert out.with_suffix(".png").stat().st_size > 0
