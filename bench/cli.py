@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "decode-scaling": ("bench.decode_scaling", "per-token decode latency against context position"),
     "sleep-overlap": ("bench.sleep_overlap", "sleep off the decode path: overlap with decoding"),
     "engine-itl": ("bench.engine_itl", "sleep-overlap's streams at the engine, without HTTP or a client"),
+    "soak": ("bench.soak", "sustained load on Redis, through a kill -9 of the server and a Redis restart"),
     "reproduce": ("bench.reproduce", "the paper's experiments at small scale"),
     "hf-server": ("bench.hf_server", "serve the transformers baseline (OpenAI-compatible)"),
     "suite": (
