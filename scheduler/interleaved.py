@@ -36,7 +36,6 @@ class _Row:
     future: Future[SleepResult]
     passes_left: int
     seconds: float = 0.0
-    adaptive: bool = False  # its N is the depth policy's, which may shed passes to meet its deadline
 
 
 @dataclass
@@ -282,7 +281,7 @@ class InterleavedExecutor(SleepExecutor):
         assert self.policy is not None
         most, now = self._most / (1 - self._most), self.now()
         for row in rolling.rows:
-            if not row.adaptive or not row.passes_left:
+            if not row.job.adaptive or not row.passes_left:
                 continue
             assert row.job.passes is not None
             done = row.job.passes - row.passes_left
@@ -344,7 +343,6 @@ class InterleavedExecutor(SleepExecutor):
                 if row.job.passes is None:
                     due = self._share_deadline(row.job.deadline, self.share)
                     row.job.passes = self.policy.choose(row.job.tokens, due, 0.0, self.max_batch)
-                    row.adaptive = True
                 row.passes_left = row.job.passes
             try:
                 memory, chunk = self._inputs([row.job for row in joining])

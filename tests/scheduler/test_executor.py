@@ -754,3 +754,26 @@ def test_offload_learns_a_raced_pass_by_the_rows_it_was_sent_with(model: HybridL
     finally:
         executor.shutdown()
     assert first.result(timeout=0).passes == 1 and second.result(timeout=0).passes == 2
+
+
+def test_a_worker_sheds_the_passes_a_late_batch_has_no_time_left_for(model: HybridLM) -> None:
+    """A batch of adaptive jobs whose N, planned at submission, no longer fits before its deadline when
+    a worker gets to it (the work ahead of it ran late) starts with the passes that fit (never fewer
+    than `min_passes`), and its result is `model.sleep`'s at that N; a fixed N runs whole."""
+    with busy_executor(model, max_batch=4) as (executor, gated, now):
+        adaptive = random_job(model, 131, passes=None, deadline=now + 1.0)
+        fixed = random_job(model, 132, tokens=5, passes=6, deadline=now + 0.025)
+        futures = executor.submit_all([adaptive, fixed])
+        assert adaptive.passes == 8  # planned with a second of slack: the deepest
+        # 15 ms left: 2 passes fit, as the policy plans them by then (7 ms: it learnt the first job's
+        # pass, 0 s on the clock that stands still, into the 10 ms it was seeded with)
+        executor.reschedule(adaptive, now + 0.015)
+        late = random_job(model, 133, tokens=6, passes=None, deadline=now + 1.0)  # a batch of its own
+        futures.append(executor.submit(late))
+        executor.reschedule(late, now - 1.0)  # past due: none fit, `min_passes` run
+        gated.release.set()
+        results = [f.result(timeout=30) for f in futures]
+    assert [r.passes for r in results] == [2, 6, 1]
+    for job, result in zip([adaptive, fixed, late], results, strict=True):
+        for got, want in zip(result.memory, direct(model, job, result.passes), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
