@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from bench.soak import Outage, Turn, error_kind, main
+from bench.soak_report import floors
 
 MINUTE_KEYS = {
     "minute": int,
@@ -35,6 +36,29 @@ def test_a_restart_window_covers_the_requests_it_overlaps() -> None:
     assert outage.covers(Turn("s", start=19.0, end=25.0))  # sent before the leases expired
     assert not outage.covers(Turn("s", start=5.0, end=9.9))
     assert not outage.covers(Turn("s", start=20.0, end=21.0))
+
+
+def test_floors_leave_out_the_restart_windows_and_compare_the_last_minute_with_the_first() -> None:
+    def minute(m: int, p99: float, rss: int, errors: dict, sleeps: int, misses: int) -> dict:
+        row = dict.fromkeys(MINUTE_KEYS, 0.0) | {"minute": m, "itl_p99_ms": p99, "rss_bytes": rss}
+        return row | {"errors": errors, "sleeps": sleeps, "deadline_misses": misses}
+
+    report = {
+        "minutes": [
+            minute(0, 10.0, 1000, {}, 500, 2),
+            minute(1, 30.0, 1100, {"restart_window/ConnectError": 40}, 100, 0),
+            minute(2, 12.0, 1040, {}, 400, 3),
+        ],
+        "sessions_lost": 0,
+        "turns_ok": 90,
+        "turns_stored": 90,
+    }
+    held = {name: floor["holds"] for name, floor in floors(report, inconsistent=0, unanswered=0).items()}
+    assert all(held.values()), held  # 1.2x p99, +4% RSS, 5 misses in 1000 sleeps
+    report["minutes"][2] = minute(2, 12.5, 1060, {"http_500": 1}, 400, 12)
+    report["turns_stored"] = 91
+    held = {name: floor["holds"] for name, floor in floors(report, inconsistent=0, unanswered=1).items()}
+    assert not any(held.values()), held
 
 
 def test_the_smoke_run_writes_soak_json_and_keeps_every_session(tmp_path) -> None:
