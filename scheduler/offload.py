@@ -86,16 +86,11 @@ class OffloadExecutor(InterleavedExecutor):
     def _alone_until(self, rolling: RollingBatch, sent: float) -> float:
         """When (on `clock`) the decode thread takes up the pass `rolling` it sent the helper at `sent`:
         once the helper has had it as long as its passes of that shape take (with the planning margin:
-        see `PassCosts`), or once the rows could wait no longer without a pace above `share` (the one
-        N was planned for) to finish it and theirs here. Set when the pass is sent, or a row's deadline
-        moves, not every step. (Waiting up to what the most pace could still finish made every pass
-        the helper was late with a burst at that pace: in the soak, where the load generator takes the
-        helper's core, the helper's passes came to take 0.2-1.3 s against the decode thread's 2 ms, so
-        the decode thread waited for every one to the last moment, and inter-token latency rose once
-        that was learnt.)"""
-        pace, now = self.share / (1 - self.share), self.now()
+        see `PassCosts`), or once the rows could wait no longer without a pace at its most (`_pace`) to
+        finish it and theirs here. Set when the pass is sent, or a row's deadline moves, not every step."""
+        most, now = self._most / (1 - self._most), self.now()
         wait = min(
-            row.job.deadline - now - row.passes_left * rolling.per_pass / (PACE_TARGET * pace)
+            row.job.deadline - now - row.passes_left * rolling.per_pass / (PACE_TARGET * most)
             for row in rolling.rows
         )
         return min(

@@ -514,17 +514,15 @@ def test_offload_races_a_late_sleeper_and_outlives_a_dead_one(model: HybridLM) -
 
 def test_offload_takes_a_pass_back_once_its_rows_cannot_wait(model: HybridLM) -> None:
     """However long the sleeper's passes may take, the decode thread takes a pass up once its rows
-    could wait no longer without a pace above `share`, not only once the most pace could barely finish
-    them; a row due sooner (`reschedule`) brings that moment forward."""
+    could wait no longer without a pace at its most; a row due sooner (`reschedule`) brings that
+    moment forward."""
     executor = offloading(model, helper_pass_seconds=30.0)
     try:
         job = random_job(model, 95, passes=3)  # due in a minute
         future = executor.submit(job)
         executor.run_interleaved(busy=0.001)  # the first pass goes to the sleeper
         assert executor._at_helper is not None and not executor._helper_late()
-        # 3 passes of 1 ms left in 8 ms: at the most pace (2.08x, share 0.35) they could wait 5.6 ms,
-        # at `share`'s (0.54x) they take 9.3 ms of the time a pace plans with: no time to wait
-        executor.reschedule(job, executor.now() + 0.008)
+        executor.reschedule(job, executor.now() + 0.001)  # 3 passes of 1 ms left: no time to wait
         assert executor._helper_late()
         run_until_done(executor, [future])
     finally:
