@@ -164,9 +164,10 @@ class DecodeRate:
     with what they carry (a prompt's piece, a boundary, a small batch), and an EMA of the last few
     intervals (per session, as it was) or even a window's mean put deadlines late: sessions waited at
     1-10% of their boundaries in bench/sleep_overlap.py (2 CPU cores); at under 2% of them with the
-    median, which still came late for half of the next steps: in the soak (bench/soak.py), where the
-    batch changes at every step, 0.4-0.9% of the sleeps missed with the median, 0.2-0.3% with the
-    first quartile (the same run's conditions otherwise; shallower sleeps a little: N 1.6 against 1.45).
+    median, which half of the next steps still beat. Under the soak's load (bench/soak.py), where the
+    batch changes at every step, 1.0-2.3% of the sleeps missed with the median, 0.05-0.4% with the
+    first quartile (two servers loaded at once, on 2 shared cores), at shallower depths (mean N
+    1.2-1.3 against 1.6-2.0) and no higher inter-token latency.
     """
 
     def __init__(self, initial: float, window: int, quantile: float = 0.25) -> None:
