@@ -11,9 +11,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from model.hybrid import HybridLM
-from server.api import router
+from server.api import IMPORT_PATH, router
 from server.context import Server, build_server
 from server.errors import install_error_handlers
+from server.limits import BodyLimit
 from server.settings import Settings
 
 log = logging.getLogger("sleepserve")
@@ -81,4 +82,10 @@ def create_app(
     app.state.server = build_server(settings, model, sleeper_cpus)
     install_error_handlers(app)
     app.include_router(router)
+    app.add_middleware(
+        BodyLimit,
+        limit_for=lambda path: (
+            settings.max_import_bytes if path == IMPORT_PATH else settings.max_request_bytes
+        ),
+    )
     return app

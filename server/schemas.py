@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+
+SESSION_ID_PATTERN = "^[0-9a-fA-F]{32}$"  # a random 128-bit id
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # per stop string
 
 
 def _utf8(text: str) -> str:
@@ -17,8 +21,83 @@ def _utf8(text: str) -> str:
     return text
 
 
+Text = Annotated[str, AfterValidator(_utf8)]  # every string a request carries
+SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN, description="32 hexadecimal characters.")]
+
+
+def _stops(value: str | list[str] | None) -> str | list[str] | None:
+    stops = [value] if isinstance(value, str) else value or []
+    if len(stops) > MAX_STOP_STRINGS or not all(0 < len(_utf8(s)) <= MAX_STOP_CHARS for s in stops):
+        raise ValueError(
+            f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"
+        )
+    return value
+
+
+def _prompt(value: str | list[str] | list[int]) -> str | list[str] | list[int]:
+    if not value:
+        raise ValueError("prompt must not be empty")
+    if isinstance(value, list) and isinstance(value[0], str) and len(value) != 1:
+        raise ValueError("only one prompt per request is supported")
+    for text in [value] if isinstance(value, str) else value:
+        if isinstance(text, str) and not _utf8(text):
+            raise ValueError("prompt must not be empty")
+    return value
+
+
+# Unions validated by one function each (a clear message, not one per union member), with the schema
+# that says the same.
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+Stop = Annotated[
+    str | list[str] | None,
+    AfterValidator(_stops),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                _STOP_STRING,
+                {"type": "array", "items": _STOP_STRING, "maxItems": MAX_STOP_STRINGS},
+                {"type": "null"},
+            ],
+            "description": f"Up to {MAX_STOP_STRINGS} strings that end the text (excluded from it).",
+        }
+    ),
+]
+Prompt = Annotated[
+    str | list[str] | list[int],
+    AfterValidator(_prompt),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+                {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+            ],
+            "description": "Text, a list of one text, or token ids (non-empty).",
+        }
+    ),
+]
+
+
+def _check_unicode(value: object) -> None:
+    """Refuse lone surrogates anywhere in a JSON value (the fields a request passes through unread)."""
+    if isinstance(value, str):
+        _utf8(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI fields we do not use (user, logprobs=False, …) pass
+
+    @model_validator(mode="after")
+    def _extra_text(self) -> _Request:
+        _check_unicode(self.model_extra)
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -28,7 +107,7 @@ class StreamOptions(BaseModel):
 class SamplingRequest(_Request):
     """Fields common to completions and chat completions."""
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(
         None,
         ge=0,
@@ -41,50 +120,38 @@ class SamplingRequest(_Request):
         -1, ge=-1, description="Sample among the k likeliest tokens; -1 or 0: off (extension)."
     )
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, description="Only 1 is supported.")
+    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     ignore_eos: bool = Field(False, description="Generate past end-of-text tokens (as vLLM; for benchmarks).")
-    session_id: str | None = Field(None, description="Continue this session (extension; or X-Session-ID).")
+    session_id: SessionId | None = Field(
+        None, description="Continue this session (extension; or X-Session-ID)."
+    )
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> list[str] | None:
-        stops = [value] if isinstance(value, str) else value
-        if stops is not None and (len(stops) > 16 or any(not s for s in stops)):
-            raise ValueError("stop takes at most 16 non-empty strings")
-        return stops and [_utf8(s) for s in stops]
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] = Field(description="Text, a list of one text, or token ids.")
-
-    @field_validator("prompt")
-    @classmethod
-    def _text(cls, value: str | list[str] | list[int]) -> str | list[str] | list[int]:
-        for item in [value] if isinstance(value, str) else value:
-            if isinstance(item, str):
-                _utf8(item)
-        return value
+    prompt: Prompt
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: str  # checked by `_content`
+
+
+def _content(value: str | list[TextPart] | None) -> str | list[TextPart] | None:
+    for part in [value] if isinstance(value, str) else value or ():
+        _utf8(part if isinstance(part, str) else part.text)
+    return value
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _text(cls, value: str | list[TextPart] | None) -> str | list[TextPart] | None:
-        for item in [value] if isinstance(value, str) else value or ():
-            _utf8(item if isinstance(item, str) else item.text)
-        return value
+    content: Annotated[str | list[TextPart] | None, AfterValidator(_content)] = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -96,7 +163,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
@@ -196,7 +263,7 @@ class ModelList(BaseModel):
 
 
 class CreateSessionRequest(BaseModel):
-    session_id: str | None = Field(None, description="A client-chosen id: 32 hex characters.")
+    session_id: SessionId | None = Field(None, description="A client-chosen id: 32 hex characters.")
 
 
 class HeadStats(BaseModel):

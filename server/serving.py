@@ -112,9 +112,12 @@ class Turn:
             await _release(self.ctx, checkout)
             return
         if self.messages is not None and final.prompt_complete:
-            checkout.history += self.messages
+            hashes, cut = list(self.messages), None
             if final.stats.completion_tokens:
-                checkout.history.append(reply_hash(final.reply))
+                hashes.append(reply_hash(final.reply))
+                if final.finish_reason in ("abort", "timeout"):  # the client may have a prefix of it
+                    cut = final.reply
+            checkout.history.add(hashes, self.ctx.sessions.history_limit, cut)
         try:
             await self.ctx.sessions.commit(checkout)
             if self.ctx.idle is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.checkpoint import DEFAULT_CHECKPOINT
@@ -76,6 +76,29 @@ class Settings(BaseSettings):
     store_max_bytes: int = Field(1 << 30, ge=1)  # memory store budget (LRU beyond it)
     shutdown_timeout: float = Field(30.0, ge=0)  # seconds running streams get to finish on shutdown
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # comma-separated in the env
+    # Limits: each input that can make work has one, refused with a 4xx that names it.
+    max_prompt_tokens: int = Field(
+        65536, ge=1, description="Most prompt tokens one request may feed (its new tokens, in a session)."
+    )
+    max_request_bytes: int = Field(
+        8 << 20, ge=1024, description="Most bytes of a JSON request body; larger ones get 413 unread."
+    )
+    max_import_bytes: int = Field(
+        256 << 20,
+        ge=1024,
+        description="Most bytes of a session blob to import; the upload is cut at this size (413).",
+    )
+    session_history_messages: int = Field(
+        1024,
+        ge=1,
+        description="Chat message hashes a session record keeps to recognise a re-sent history (the "
+        "first and the latest; those between are counted and trusted).",
+    )
+    session_signing_key: SecretStr | None = Field(
+        None,
+        description="Sign exported session blobs with this key (HMAC-SHA256) and refuse imports "
+        "without a valid signature. Unset: blobs are checksummed only.",
+    )
     log_level: str = "info"
 
     @field_validator("cpu_affinity")
