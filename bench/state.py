@@ -46,7 +46,9 @@ async def _round_trips(
     saves, loads = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        version = await store.put(session_id, pack_record(state.to_bytes(fp, capacity), ChatHistory()), version)
+        version = await store.put(
+            session_id, pack_record(state.to_bytes(fp, capacity), ChatHistory()), version
+        )
         middle = time.perf_counter()
         stored = await store.get(session_id)
         blob, _ = unpack_record(stored.blob)

@@ -691,7 +691,13 @@ class SleepExecutor:
         try:
             out = sleeper(*self._inputs(jobs), jobs[0].passes)
         except BaseException as exc:
-            self._fail(items, exc)
+            if len(items) == 1 or not isinstance(exc, Exception):
+                self._fail(items, exc)
+                return
+            # Not tied to a job: run each alone, so that only the one that fails again fails.
+            log.warning("a sleep batch of %d failed (%s): running its jobs one by one", len(items), exc)
+            for item in items:
+                self._run([item], sleeper)
             return
         self._publish(items, out, [self.clock() - start] * len(items))
 

@@ -197,11 +197,12 @@ class Sequence:
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from finite logits [vocab]: argmax at temperature 0, else top-k / top-p sampling.
-    Safe at any temperature > 0, subnormal ones included: the logits are shifted to a maximum of 0
-    before the division, so they scale to [-inf, 0] and the likeliest token keeps probability > 0."""
+    Safe at any temperature > 0, subnormal ones included: in float64 (where the temperature is not
+    rounded to 0) the logits are shifted to a maximum of 0 before the division, so they scale to
+    [-inf, 0] and the likeliest token keeps probability > 0."""
     if params.temperature == 0:
         return int(logits.argmax())
-    logits = logits.float()
+    logits = logits.double()
     logits = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
