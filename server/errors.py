@@ -7,9 +7,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
+from starlette.routing import Match
 
 from model.state import SessionStateError
 from server.schemas import SESSION_ID_PATTERN
@@ -110,13 +109,14 @@ def _message(error: dict) -> str:
 
 
 def _allowed_methods(request: Request) -> str:
-    """The methods of every route on the request's path (the Allow header of a 405)."""
-    methods: set[str] = set()
-    for route in request.app.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})
-        if match != Match.NONE and isinstance(route, APIRoute | Route):
-            methods |= route.methods or set()
-    return ", ".join(sorted(methods))
+    """The methods some route takes on the request's path (the Allow header of a 405), found by asking
+    the routes (FastAPI nests included routers, so the route table is not flat)."""
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
 
 
 def install_error_handlers(app: FastAPI) -> None:

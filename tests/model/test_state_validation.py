@@ -3,20 +3,17 @@ the problem, a blob that passes runs on the model, and signed blobs demand the s
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Callable
 
 import pytest
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from support import forge_blob
 
 from model.checkpoint import fingerprint
 from model.config import ModelConfig
 from model.hybrid import HybridLM
 from model.session import feed, new_state, open_window
-from model.state import SessionState, SessionStateError, StateSpec, _checksum
+from model.state import SessionState, SessionStateError, StateSpec
 
 KEY = b"server-key"
 
@@ -32,18 +29,6 @@ def blob_after(model: HybridLM, n_tokens: int = 21, key: bytes | None = None) ->
     state = new_state(model)
     feed(model, state, open_window(model, state)[0], list(range(40, 40 + n_tokens)))
     return state.to_bytes(fingerprint(model), model.config.window_capacity, key)
-
-
-def forge(blob: bytes, change: Callable[[dict[str, torch.Tensor]], None]) -> bytes:
-    """The blob with its tensors changed and a checksum that matches again (what any client can do)."""
-    (size,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8 : 8 + size])["__metadata__"]
-    header.pop("checksum")
-    header.pop("signature", None)
-    tensors = {name: t.clone() for name, t in load_tensors(blob).items()}
-    change(tensors)
-    header["checksum"] = _checksum(tensors, header)
-    return save_tensors(tensors, metadata=header)
 
 
 def counters(**values: int) -> Callable[[dict[str, torch.Tensor]], None]:
@@ -106,7 +91,7 @@ def test_crafted_blob_is_refused_naming_the_problem(model, case):
     good = blob_after(model)
     SessionState.from_bytes(good, fingerprint(model), spec=StateSpec.of(model))  # the original passes
     with pytest.raises(SessionStateError) as info:
-        SessionState.from_bytes(forge(good, change), fingerprint(model), spec=StateSpec.of(model))
+        SessionState.from_bytes(forge_blob(good, change), fingerprint(model), spec=StateSpec.of(model))
     assert info.value.reason == "invalid"
     assert fragment in str(info.value)
 
@@ -145,7 +130,7 @@ def test_signed_blobs(model):
     assert state.tokens_seen == 21
     SessionState.from_bytes(signed, fp, spec=spec)  # a server without a key reads it too
     unsigned = blob_after(model)
-    resigned = forge(signed, set_tail(0, 1))  # contents changed, the old signature dropped
+    resigned = forge_blob(signed, set_tail(0, 1))  # contents changed, the old signature dropped
     for blob, key in [(unsigned, KEY), (resigned, KEY), (signed, b"another key")]:
         with pytest.raises(SessionStateError, match="signature") as info:
             SessionState.from_bytes(blob, fp, spec=spec, signing_key=key)
