@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import APIRouter, Depends, Header, Path, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.convertors import Convertor, register_url_convertor
 
 from model.tokenizer import END_OF_MESSAGE, EOS, N_TOKENS
 from server.context import Server
 from server.engine import SamplingParams
 from server.errors import APIError, bad_request
 from server.schemas import (
-    SESSION_ID_PATTERN,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -38,11 +38,12 @@ from server.schemas import (
     ModelCard,
     ModelList,
     SamplingRequest,
+    SessionId,
     SessionInfo,
     Usage,
 )
 from server.serving import Turn
-from server.sessions import Checkout, check_session_id, message_hash, new_chat_messages
+from server.sessions import Checkout, message_hash, new_chat_messages
 from server.stores import StoreError
 
 if TYPE_CHECKING:
@@ -77,10 +78,9 @@ def authenticate(request: Request) -> str | None:
 
 ServerDep = Annotated[Server, Depends(get_server)]
 Owner = Annotated[str | None, Depends(authenticate)]
-SessionHeader = Annotated[
-    str | None, Header(alias="X-Session-ID", pattern=SESSION_ID_PATTERN, description="Continue this session.")
-]
-SessionPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="32 hexadecimal characters.")]
+# Not `SessionId | None`: a header is absent or a string, and the schema must not offer null.
+SessionHeader = Annotated[SessionId, Header(alias="X-Session-ID", description="Continue this session.")]
+SessionPath = Annotated[SessionId, Path()]
 
 
 # The OpenAPI description of a route that answers JSON, or an SSE stream with `stream: true`.
@@ -88,9 +88,37 @@ _STREAMED = {
     200: {
         "description": "The response, or with `stream: true` a server-sent event stream: `data: <chunk>` "
         "events, then `data: [DONE]`.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {
+            "text/event-stream": {  # (Open API 3.1: the schema of one event)
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "event": {"type": "string"},
+                        "data": {"type": "string", "description": "A JSON chunk, or [DONE] at the end."},
+                    },
+                    "required": ["data"],
+                }
+            }
+        },
     }
 }
+
+
+class _SessionSegment(Convertor[str]):
+    """A path segment that can be a session id: anything but `import`, so that the session routes never
+    answer for /v1/sessions/import (its other methods get 405, not a 400 about the id). Malformed ids
+    still reach the route, which answers 400 naming the format."""
+
+    regex = "(?!import$)[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("session", _SessionSegment())
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)], responses=_ERRORS)
@@ -120,7 +148,7 @@ async def completions(
     request: Request,
     server: ServerDep,
     owner: Owner,
-    x_session_id: SessionHeader = None,
+    x_session_id: SessionHeader = None,  # type: ignore[assignment]
 ) -> Response:
     """Text completion. With a session (`session_id` or `X-Session-ID`) the prompt continues its text.
 
@@ -151,7 +179,7 @@ async def chat_completions(
     request: Request,
     server: ServerDep,
     owner: Owner,
-    x_session_id: SessionHeader = None,
+    x_session_id: SessionHeader = None,  # type: ignore[assignment]
 ) -> Response:
     """Chat completion. With a session, send only the new messages or the whole history: the messages the
     session already consumed (its replies included) are recognised and skipped."""
@@ -191,14 +219,16 @@ def _sampling(
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     cap = server.settings.max_tokens
-    if max_tokens is not None and max_tokens > cap:
-        raise bad_request(f"max_tokens must be at most {cap}, got {max_tokens}", "max_tokens")
+    for field in ("max_tokens", "max_completion_tokens"):  # each, even one that the other overrides
+        value = getattr(body, field, None)
+        if value is not None and value > cap:
+            raise bad_request(f"{field} must be at most {cap}, got {value}", field)
     return SamplingParams(
         max_tokens=cap if max_tokens is None else max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=max(body.top_k, 0),
-        seed=body.seed,
+        seed=None if body.seed is None else body.seed % 2**64,  # what torch.Generator takes
         stop=body.stops(),
         stop_tokens=frozenset() if body.ignore_eos else frozenset(stop_tokens),
     )
@@ -222,10 +252,9 @@ def _check_prompt_size(n_tokens: int, limit: int, param: str) -> None:
 
 
 def _session_id(body: SamplingRequest, header: str | None) -> str | None:
-    if body.session_id and header and body.session_id.lower() != header.lower():
-        raise bad_request("session_id in the body and the X-Session-ID header differ", "session_id")
-    chosen = body.session_id or header
-    return check_session_id(chosen) if chosen else None
+    """The body's session_id, else the header's: a client may set the header as a default for all its
+    requests and name another session in one request's body."""
+    return body.session_id or header
 
 
 # -- responses -------------------------------------------------------------------------------------
@@ -407,43 +436,40 @@ async def import_session(request: Request, server: ServerDep, owner: Owner) -> S
     return await _info(server, session_id, owner)
 
 
-@v1.get("/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
+@v1.get("/sessions/{session_id:session}", response_model=SessionInfo, tags=["sessions"])
 async def get_session(session_id: SessionPath, server: ServerDep, owner: Owner) -> SessionInfo:
     """Counters, window fill, schedule, version, state size and fast-weight statistics."""
-    return await _info(server, check_session_id(session_id), owner)
+    return await _info(server, session_id, owner)
 
 
-@v1.delete("/sessions/{session_id}", response_model=DeletedSession, tags=["sessions"])
+@v1.delete("/sessions/{session_id:session}", response_model=DeletedSession, tags=["sessions"])
 async def delete_session(session_id: SessionPath, server: ServerDep, owner: Owner) -> DeletedSession:
-    session_id = check_session_id(session_id)
     await server.sessions.delete(session_id, owner)
     return DeletedSession(id=session_id)
 
 
-@v1.post("/sessions/{session_id}/consolidate", response_model=SessionInfo, tags=["sessions"])
+@v1.post("/sessions/{session_id:session}/consolidate", response_model=SessionInfo, tags=["sessions"])
 async def consolidate_session(session_id: SessionPath, server: ServerDep, owner: Owner) -> SessionInfo:
     """Sleep on the session's unconsolidated tokens now (409 unless trained with variable chunks)."""
-    session_id = check_session_id(session_id)
     await server.sessions.consolidate(session_id, owner)
     return await _info(server, session_id, owner)
 
 
-@v1.post("/sessions/{session_id}/fork", response_model=SessionInfo, tags=["sessions"])
+@v1.post("/sessions/{session_id:session}/fork", response_model=SessionInfo, tags=["sessions"])
 async def fork_session(session_id: SessionPath, server: ServerDep, owner: Owner) -> SessionInfo:
     """Copy the session to a new id; the two continue independently."""
-    fork_id = await server.sessions.fork(check_session_id(session_id), owner)
+    fork_id = await server.sessions.fork(session_id, owner)
     return await _info(server, fork_id, owner)
 
 
 @v1.get(
-    "/sessions/{session_id}/export",
+    "/sessions/{session_id:session}/export",
     tags=["sessions"],
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "The session blob."}},
 )
 async def export_session(session_id: SessionPath, server: ServerDep, owner: Owner) -> Response:
     """The session's state as its fixed-size safetensors blob."""
-    session_id = check_session_id(session_id)
     blob = await server.sessions.export(session_id, owner)
     disposition = f'attachment; filename="session-{session_id}.safetensors"'
     return Response(blob, media_type="application/octet-stream", headers={"Content-Disposition": disposition})

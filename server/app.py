@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -82,6 +82,7 @@ def create_app(
     app.state.server = build_server(settings, model, sleeper_cpus)
     install_error_handlers(app)
     app.include_router(router)
+    app.openapi = _served_openapi(app, app.state.server)  # type: ignore[method-assign]
     app.add_middleware(
         BodyLimit,
         limit_for=lambda path: (
@@ -89,3 +90,24 @@ def create_app(
         ),
     )
     return app
+
+
+def _served_openapi(app: FastAPI, server: Server) -> Callable[[], dict]:
+    """`app.openapi` with this server's own limits in the schema: the model it serves, its cap on
+    max_tokens and the token ids its tokenizer knows (the request models cannot know them)."""
+    default = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schemas = default()["components"]["schemas"]
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                fields = schemas[name]["properties"]
+                fields["model"]["enum"] = [server.model_name]
+                for cap in ("max_tokens", "max_completion_tokens"):
+                    if cap in fields:
+                        fields[cap]["anyOf"][0]["maximum"] = server.settings.max_tokens
+            token_ids = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"][2]["items"]
+            token_ids["maximum"] = server.tokenizer.vocab_size - 1
+        return app.openapi_schema
+
+    return openapi

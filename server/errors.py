@@ -11,7 +11,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from model.state import SessionStateError
-from server.schemas import SESSION_ID_PATTERN
 from server.stores import StoreUnavailable, VersionConflict
 
 log = logging.getLogger("sleepserve.errors")
@@ -100,11 +99,6 @@ def _field(loc: tuple) -> str:
 
 
 def _message(error: dict) -> str:
-    if (
-        error["type"] == "string_pattern_mismatch"
-        and error.get("ctx", {}).get("pattern") == SESSION_ID_PATTERN
-    ):
-        return "session_id must be 32 hexadecimal characters (a random 128-bit id)"
     return f"{_field(tuple(error['loc']))}: {error['msg']}"
 
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
-SESSION_ID_PATTERN = "^[0-9a-fA-F]{32}$"  # a random 128-bit id
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # per stop string
 
@@ -22,7 +30,45 @@ def _utf8(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_utf8)]  # every string a request carries
-SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN, description="32 hexadecimal characters.")]
+
+
+def _json_int(value: object) -> object:
+    """An integer as JSON Schema has it: 3 or 3.0, never true or "3" (the models are strict)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _int(**bounds: int) -> Any:
+    """A JSON integer field type with bounds (set before the validator: in the other order pydantic
+    writes `ge` into the schema of a union member where JSON Schema says `minimum`)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_json_int)]
+
+
+Int = _int()
+_SESSION_ID = re.compile(r"[0-9a-fA-F]{32}")
+SESSION_ID_MESSAGE = "session_id must be 32 hexadecimal characters (a random 128-bit id)"
+
+
+def is_session_id(value: str) -> bool:
+    return _SESSION_ID.fullmatch(value) is not None
+
+
+def _session_id(value: str) -> str:
+    if not is_session_id(value):
+        raise ValueError(SESSION_ID_MESSAGE)
+    return value.lower()
+
+
+# `(?!\n)`: test generators read `$` as Python does (true also before a final newline), and would
+# send ids that end with one as valid.
+SessionId = Annotated[
+    str,
+    AfterValidator(_session_id),
+    WithJsonSchema(
+        {"type": "string", "pattern": r"^[0-9a-fA-F]{32}(?!\n)$", "description": SESSION_ID_MESSAGE}
+    ),
+]
 
 
 def _stops(value: str | list[str] | None) -> str | list[str] | None:
@@ -63,7 +109,7 @@ Stop = Annotated[
     ),
 ]
 Prompt = Annotated[
-    str | list[str] | list[int],
+    str | list[str] | list[Int],
     AfterValidator(_prompt),
     WithJsonSchema(
         {
@@ -92,7 +138,16 @@ def _check_unicode(value: object) -> None:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI fields we do not use (user, logprobs=False, …) pass
+    # OpenAI fields we do not use (user, logprobs=False, …) pass. Strict: JSON types as the schema has
+    # them (no 0 for false, no false for a token id). `stream_options` needs `stream: true`.
+    model_config = ConfigDict(
+        extra="allow",
+        strict=True,
+        json_schema_extra={
+            "if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+            "else": {"properties": {"stream_options": {"type": "null"}}},
+        },
+    )
 
     @model_validator(mode="after")
     def _extra_text(self) -> _Request:
@@ -101,6 +156,7 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
@@ -108,22 +164,23 @@ class SamplingRequest(_Request):
     """Fields common to completions and chat completions."""
 
     model: Text
-    max_tokens: int | None = Field(
+    max_tokens: _int(ge=0) | None = Field(
         None,
-        ge=0,
         description="Tokens to generate at most (capped by the server). 0 only feeds the prompt: with a "
         "session, that adds it to the conversation without a reply (extension).",
     )
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(
+    top_k: Int = Field(
         -1, ge=-1, description="Sample among the k likeliest tokens; -1 or 0: off (extension)."
     )
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: Int | None = Field(
+        None, description="Any integer (used modulo 2**64): the same seed, the same sample."
+    )
     stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    n: Int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     ignore_eos: bool = Field(False, description="Generate past end-of-text tokens (as vLLM; for benchmarks).")
     session_id: SessionId | None = Field(
         None, description="Continue this session (extension; or X-Session-ID)."
@@ -138,6 +195,7 @@ class CompletionRequest(SamplingRequest):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"]
     text: str  # checked by `_content`
 
@@ -149,6 +207,7 @@ def _content(value: str | list[TextPart] | None) -> str | list[TextPart] | None:
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: Annotated[str | list[TextPart] | None, AfterValidator(_content)] = None
     name: Text | None = None
@@ -164,7 +223,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: _int(ge=1) | None = None
 
 
 class Usage(BaseModel):
@@ -263,6 +322,7 @@ class ModelList(BaseModel):
 
 
 class CreateSessionRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
     session_id: SessionId | None = Field(None, description="A client-chosen id: 32 hex characters.")
 
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import secrets
 import struct
 import time
@@ -28,13 +27,12 @@ from model.tokenizer import ByteTokenizer
 from scheduler.redis_state import RECORD_MAGIC
 from server.errors import APIError, bad_request, session_damaged, session_not_found, state_refused
 from server.metrics import Metrics
-from server.schemas import SESSION_ID_PATTERN, ChatMessage, HeadStats, LayerStats, SessionInfo
+from server.schemas import SESSION_ID_MESSAGE, ChatMessage, HeadStats, LayerStats, SessionInfo, is_session_id
 from server.stores import DamagedRecord, SessionStore, StoredSession, StoreError, VersionConflict
 
 log = logging.getLogger("sleepserve.sessions")
 
 MAGIC = RECORD_MAGIC
-_ID = re.compile(SESSION_ID_PATTERN)
 
 
 def new_session_id() -> str:
@@ -44,8 +42,8 @@ def new_session_id() -> str:
 
 def check_session_id(session_id: str) -> str:
     """A client-given id, lower-cased; 400 unless it is 32 hex characters."""
-    if not _ID.fullmatch(session_id):
-        raise bad_request("session_id must be 32 hexadecimal characters (a random 128-bit id)", "session_id")
+    if not is_session_id(session_id):
+        raise bad_request(SESSION_ID_MESSAGE, "session_id")
     return session_id.lower()
 
 

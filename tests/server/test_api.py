@@ -171,8 +171,8 @@ async def test_session_routes_reject_bad_ids(serve):
     assert_error(await client.delete(f"/v1/sessions/{'a' * 32}"), 404, "not found")
     headers = {"X-Session-ID": "b" * 32}
     assert_error(await client.post("/v1/completions", json=completion(), headers=headers), 404, "not found")
-    mismatch = completion(session_id="c" * 32)
-    assert_error(await client.post("/v1/completions", json=mismatch, headers=headers), 400, "differ")
+    body_wins = completion(session_id="c" * 32)  # the body's id overrides the header's
+    assert_error(await client.post("/v1/completions", json=body_wins, headers=headers), 404, "session ccc")
 
 
 async def test_api_keys(serve, caplog):
