@@ -112,12 +112,11 @@ class Turn:
             await _release(self.ctx, checkout)
             return
         if self.messages is not None and final.prompt_complete:
-            hashes, cut = list(self.messages), None
+            hashes, reply = list(self.messages), None
             if final.stats.completion_tokens:
                 hashes.append(reply_hash(final.reply))
-                if final.finish_reason in ("abort", "timeout"):  # the client may have a prefix of it
-                    cut = final.reply
-            checkout.history.add(hashes, self.ctx.sessions.history_limit, cut)
+                reply = final.reply  # a client whose stream dropped has only a prefix of it
+            checkout.history.add(hashes, self.ctx.sessions.history_limit, reply)
         try:
             await self.ctx.sessions.commit(checkout)
             if self.ctx.idle is not None:

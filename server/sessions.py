@@ -51,28 +51,33 @@ def check_session_id(session_id: str) -> str:
 class ChatHistory:
     """The chat messages a session consumed, as short hashes, within a fixed bound: the first one and
     the last `keep`; those in between are only counted (`skipped`), so a re-sent history is checked at
-    both ends. `cut_reply`: the text of the last reply when its request ended early (client gone,
-    timeout), of which the client may have received only a prefix."""
+    both ends. `last_reply`: the text of the session's last reply, of which a client whose stream
+    dropped received only a prefix (the session consumed all of it)."""
 
     recent: list[str] = field(default_factory=list)
     first: str | None = None
     skipped: int = 0
-    cut_reply: str | None = None
+    last_reply: str | None = None
 
     def __len__(self) -> int:
         return self.skipped + len(self.recent)
 
-    def add(self, hashes: list[str], keep: int, cut_reply: str | None = None) -> None:
+    def add(self, hashes: list[str], keep: int, last_reply: str | None = None) -> None:
         if self.first is None and hashes:
             self.first = hashes[0]
         self.recent += hashes
         drop = max(0, len(self.recent) - keep)
         self.skipped += drop
         del self.recent[:drop]
-        self.cut_reply = cut_reply
+        self.last_reply = last_reply
 
     def to_json(self) -> dict:
-        return {"messages": self.recent, "first": self.first, "skipped": self.skipped, "cut": self.cut_reply}
+        return {
+            "messages": self.recent,
+            "first": self.first,
+            "skipped": self.skipped,
+            "reply": self.last_reply,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> ChatHistory:
@@ -80,11 +85,11 @@ class ChatHistory:
         if not all(isinstance(h, str) for h in recent):
             raise ValueError("message hashes must be strings")
         first = data.get("first", recent[0] if recent else None)
-        return cls(recent, first, int(data.get("skipped", 0)), data.get("cut"))
+        return cls(recent, first, int(data.get("skipped", 0)), data.get("reply"))
 
 
 def pack_record(blob: bytes, history: ChatHistory) -> bytes:
-    sidecar = json.dumps(history.to_json(), separators=(",", ":")).encode()
+    sidecar = json.dumps(history.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
     return MAGIC + struct.pack("<I", len(sidecar)) + sidecar + blob
 
 
@@ -113,8 +118,8 @@ def new_chat_messages(messages: list[ChatMessage], history: ChatHistory) -> int:
 
     Either the request re-sends the consumed history (and adds to it), or it holds only new messages.
     A request that starts like the history but departs from it contradicts the session: 409. The
-    history's middle (`skipped`) is taken on trust; its last reply, when its request was cut, matches
-    any prefix of it (what a client whose stream dropped received).
+    history's middle (`skipped`) is taken on trust; the session's last reply matches any prefix of
+    it (what a client whose stream dropped received).
     """
     hashes = [message_hash(m) for m in messages]
     n, start = len(history), history.skipped
@@ -124,9 +129,9 @@ def new_chat_messages(messages: list[ChatMessage], history: ChatHistory) -> int:
     def same(i: int) -> bool:
         if hashes[i] == history.recent[i - start]:
             return True
-        cut = history.cut_reply
+        reply = history.last_reply
         last = i == n - 1 and messages[i].role == "assistant"
-        return last and cut is not None and cut.startswith(messages[i].text())
+        return last and reply is not None and reply.startswith(messages[i].text())
 
     known = range(start, min(n, len(hashes)))
     differ = next((i for i in known if not same(i)), None)
