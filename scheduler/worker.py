@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from model.checkpoint import DEFAULT_CHECKPOINT, fingerprint, load_checkpoint
 from model.hybrid import HybridLM
 from model.session import consolidate_all
-from model.state import SessionState, SessionStateError
+from model.state import SessionState, SessionStateError, StateSpec
 from scheduler.metrics import ConsolidationMetrics
 from scheduler.redis_state import RedisSessions, VersionConflict, split_record
 from scheduler.remote import DEFAULT_GROUP, DEFAULT_STREAM, RemoteJob, parse_job
@@ -163,7 +163,7 @@ class Worker:
             return self._ack(entry_id, "stale", f"{name}: the session moved on to v{stored.version}")
         header, blob = split_record(stored.blob)
         try:
-            state = SessionState.from_bytes(blob, self.fingerprint, self.model.config.schedule)
+            state = SessionState.from_bytes(blob, self.fingerprint, spec=StateSpec.of(self.model))
         except SessionStateError as exc:
             return self._ack(entry_id, "refused", f"{name}: refused: {exc}", logging.ERROR)
         if not state.tail:
