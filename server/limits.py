@@ -7,10 +7,11 @@ and cut there (413), then handed to the route as if it had just arrived.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import APIError
 
 
 class BodyLimit:
@@ -26,9 +27,9 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                await _refuse(send, 400, "Content-Length is not a number", "invalid_request_error")
+                await _refuse(scope, receive, send, 400, "Content-Length is not a number")
             elif int(length) > limit:
-                await _refuse(send, 413, _too_large(limit), "invalid_request_error")
+                await _refuse(scope, receive, send, 413, f"request body larger than {limit} bytes")
             else:  # the server reads no more than Content-Length
                 await self.app(scope, receive, send)
             return
@@ -40,7 +41,7 @@ class BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > limit:
-                await _refuse(send, 413, _too_large(limit), "invalid_request_error")
+                await _refuse(scope, receive, send, 413, f"request body larger than {limit} bytes")
                 return
         replayed = False
 
@@ -54,23 +55,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def _too_large(limit: int) -> str:
-    return f"request body larger than {limit} bytes"
-
-
-async def _refuse(send: Send, status: int, message: str, kind: str) -> None:
-    """An OpenAI-style error; the connection closes (the unread body cannot be skipped)."""
-    body = json.dumps(
-        {
-            "error": {
-                "message": message,
-                "type": kind,
-                "param": None,
-                "code": "body_too_large" if status == 413 else None,
-            }
-        }
-    ).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+    """An OpenAI-style error; the connection closes (an unread body cannot be skipped)."""
+    code = "body_too_large" if status == 413 else "invalid_content_length"
+    response = APIError(status, message, code=code, headers={"Connection": "close"}).response()
+    await response(scope, receive, send)
