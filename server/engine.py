@@ -227,16 +227,20 @@ class StopMatcher:
 
     def feed(self, piece: str, offset: int) -> int | None:
         """Feed `piece`, which starts at `offset` of the text: where the first stop string to complete
-        begins, or None."""
+        begins (the longest, when several complete at one character), or None."""
         for i, char in enumerate(piece):
+            longest = 0
             for j, stop in enumerate(self.stops):
                 k = self.matched[j]
                 while k and stop[k] != char:
                     k = self.fallback[j][k - 1]
                 k += stop[k] == char
                 if k == len(stop):
-                    return offset + i + 1 - k
+                    longest = max(longest, k)
+                    k = self.fallback[j][k - 1]  # the automaton stays usable past a match
                 self.matched[j] = k
+            if longest:
+                return offset + i + 1 - longest
         return None
 
     @property

@@ -102,17 +102,28 @@ async def test_subnormal_temperature_among_running_streams(make_engine):
     assert final.reply == TOKENIZER.decode(reference(model, prompt, 20))
 
 
-async def test_a_poisoned_session_fails_alone(make_engine):
-    """A state whose memory holds NaN (past validation: the engine must not trust it either) makes
-    non-finite logits: that request ends with an error, the batch runs on."""
+def nan_memory(state) -> None:
+    state.memory[0][0, 0, 0] = float("nan")
+
+
+def token_outside_the_vocabulary(state) -> None:
+    state.tail, state.tokens_seen = [5, 100_000], 2
+
+
+@pytest.mark.parametrize(
+    ("poison", "message"),
+    [(nan_memory, "non-finite"), (token_outside_the_vocabulary, "window could not be rebuilt")],
+)
+async def test_a_poisoned_session_fails_alone(make_engine, poison, message):
+    """A state that validation would refuse, given to the engine anyway (it must not trust states
+    either): that request ends with an error, the batch runs on."""
     model = tiny_model()
     engine = make_engine(model)
     poisoned = new_state(model)
-    poisoned.memory[0][0, 0, 0] = float("nan")
-    final = await run_alongside(
-        engine, model, EngineRequest(poisoned, TOKENIZER.encode("poison"), greedy(20))
-    )
-    assert final.finish_reason == "error" and "non-finite" in final.error
+    poison(poisoned)
+    culprit = EngineRequest(poisoned, TOKENIZER.encode("poison"), greedy(20))
+    final = await run_alongside(engine, model, culprit)
+    assert final.finish_reason == "error" and message in final.error
 
 
 async def test_a_row_that_breaks_the_batch_is_found_and_fails_alone(make_engine):
@@ -170,11 +181,12 @@ async def test_a_failing_sleep_fails_its_sequence_alone(isolation):
 
 
 def brute_force_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the first stop string to be completed, reading the text character by character, begins."""
+    """Where the first stop string to be completed, reading the text character by character, begins
+    (the longest of those completed by one character)."""
     for end in range(1, len(text) + 1):
         starts = [end - len(s) for s in stops if text[:end].endswith(s)]
         if starts:
-            return max(starts)
+            return min(starts)
     return None
 
 
