@@ -192,12 +192,12 @@ def _unpack(tensors: dict[str, Tensor], schedule: str) -> SessionState:
         names = sorted(set(tensors) ^ expected)
         _invalid(f"unexpected or missing tensors: {', '.join(names)}")
     layout = {"tail": (torch.int32, 1), "counters": (torch.int64, 1), "sleep_seconds": (torch.float64, 1)}
-    layout |= {f"memory.{i}": (torch.float32, 3) for i in range(n_memory)}
+    layout |= {f"memory.{i}": (torch.float32, None) for i in range(n_memory)}  # shapes: the model's
     for name, (dtype, ndim) in layout.items():
-        if tensors[name].dtype != dtype or tensors[name].dim() != ndim:
-            _invalid(
-                f"{name} must be a {ndim}-d {dtype} tensor, got {tensors[name].dim()}-d {tensors[name].dtype}"
-            )
+        tensor = tensors[name]
+        if tensor.dtype != dtype or (ndim is not None and tensor.dim() != ndim):
+            shape = f"{ndim}-d " if ndim else ""
+            _invalid(f"{name} must be a {shape}{dtype} tensor, got a {tensor.dim()}-d {tensor.dtype} one")
     counters, tail = tensors["counters"].tolist(), tensors["tail"]
     if len(counters) != len(_COUNTERS) + 2:
         _invalid(f"counters must hold {len(_COUNTERS) + 2} values, got {len(counters)}")
