@@ -14,7 +14,7 @@ from support import tiny_model
 
 from model.session import generate, new_state
 from model.tokenizer import ByteTokenizer
-from scheduler.executor import SleepExecutor
+from scheduler.isolation import create_executor
 from scheduler.policy import DepthPolicy
 from server.engine import Engine, EngineRequest, SamplingParams, StopMatcher, sample
 from server.metrics import Metrics
@@ -170,7 +170,7 @@ async def test_a_failing_sleep_fails_its_sequence_alone(isolation):
 
     model.sleep = failing_sleep
     metrics = Metrics()
-    executor = None if isolation == "inline" else SleepExecutor(model, metrics=metrics, isolation=isolation)
+    executor = None if isolation == "inline" else create_executor(model, metrics=metrics, isolation=isolation)
     engine = Engine(model, passes=2, metrics=metrics, executor=executor)
     try:
         culprit = EngineRequest(new_state(model), poisoned_prompt, greedy(6))
