@@ -31,9 +31,7 @@ async def make_engine(request):
         metrics = Metrics()
         executor = None
         if request.param == "interleaved":
-            executor = SleepExecutor(
-                model, metrics=metrics, isolation="interleaved", policy=DepthPolicy(1, 8)
-            )
+            executor = create_executor(model, "interleaved", metrics=metrics, policy=DepthPolicy(1, 8))
         engine = Engine(model, passes=model.config.sleep_passes, metrics=metrics, executor=executor, **kwargs)
         engines.append(engine)
         return engine
