@@ -1,0 +1,254 @@
+"""Sleep training of a pretrained checkpoint (model/finetune.py, model/data.py): a tiny random Qwen3.5
+saved by transformers trains through `sleepserve train --init-from` and comes back in its own layout;
+gradients through every sleep pass against finite differences; checkpointing and bf16 autocast; the
+chat loss mask."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+from qwen_support import hf_model, make_checkpoint
+from safetensors.torch import load_file
+
+from model.data import render_chat, render_example, render_text
+from model.finetune import FinetuneConfig, sequence_loss, start_stage, train_step
+from model.loading import load_model
+from model.tasks import make_task
+from model.tokenizer import HFTokenizer
+from model.train import main as train_main
+
+torch.set_num_threads(1)
+
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "It is 4."},
+    {"role": "user", "content": "And the quick brown fox?"},
+    {"role": "assistant", "content": "It jumps over the lazy dog."},
+]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. Sleep consolidates the window into fast weights.",
+    "Hello, world! A conversation goes on and on, one turn after another, and the window moves on.",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("qwen"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "mix.jsonl"
+    lines = [{"text": t} for t in TEXTS] + [{"messages": CHAT}]
+    path.write_text("\n".join(json.dumps(line) for line in lines * 2) + "\n")
+    return path
+
+
+def gdn_layers(config) -> list[int]:
+    return [i for i, kind in enumerate(config.layers) if kind == "gdn"]
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["hard", "lagged"])
+def test_loss_falls_on_a_fixed_batch(checkpoint, schedule) -> None:
+    """Targets only in the last window: everything they depend on before it was slept on (N = 2, the
+    middle blocks looped), in two micro-batches."""
+    torch.manual_seed(0)
+    model = load_model(checkpoint, window=8, schedule=schedule, sleep_passes=2, sleep_blocks=(1, 3)).model
+    model.train()
+    tokens = torch.randint(3, 300, (4, 40))
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, 33:] = True
+    config = FinetuneConfig(str(checkpoint), batch_size=4, accumulate=2, muon_lr=2e-2, adamw_lr=2e-2)
+    optimizers = start_stage(model, config, warmup=False)
+    losses = [train_step(model, optimizers, tokens, mask, config, passes=2)[0] for _ in range(6)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def run_cli(checkpoint, data_file, out, *extra: str) -> None:
+    train_main(
+        [
+            "--init-from", str(checkpoint), "--data", str(data_file), "--task", "recall",
+            "--window", "32", "--schedule", "hard", "--passes", "2", "--sleep-blocks", "1", "3",
+            "--sequence-windows", "2", "--batch-size", "2", "--muon-lr", "1e-2", "--adamw-lr", "1e-2",
+            "--out", str(out), *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_warm_up_stage_changes_only_its_named_parameters(checkpoint, data_file, tmp_path) -> None:
+    run_cli(
+        checkpoint, data_file, tmp_path, "--warmup-params", "blocks.*.mixer.A_log", "blocks.*.mixer.dt_bias",
+        "--warmup-steps", "2", "--steps", "0",
+    )  # fmt: skip
+    before, after = load_file(checkpoint / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    config = load_model(checkpoint).model.config
+    assert changed == {
+        f"model.layers.{i}.linear_attn.{p}" for i in gdn_layers(config) for p in ("A_log", "dt_bias")
+    }
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["source"]) for r in log] == [("warmup", "data"), ("warmup", "recall")]
+
+
+def test_trained_checkpoint_loads_in_the_server_and_in_transformers(checkpoint, data_file, tmp_path) -> None:
+    """Saved in transformers' own layout with the sleep settings it was trained with, which the server's
+    loader takes as its defaults; transformers reads the same weights: equal logits within the window."""
+    run_cli(checkpoint, data_file, tmp_path, "--steps", "2")
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["sleepserve"] == {
+        "window": 32, "schedule": "hard", "sleep_passes": 2, "sleep_blocks": [1, 3], "variable_chunks": False,
+    }  # fmt: skip
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    loaded = load_model(tmp_path)
+    config = loaded.model.config
+    assert (config.window, config.schedule, config.sleep_passes, config.sleep_blocks) == (
+        32,
+        "hard",
+        2,
+        (1, 3),
+    )
+    before = load_file(checkpoint / "model.safetensors")
+    after = load_file(tmp_path / "model.safetensors")
+    assert all(not torch.equal(before[n], after[n]) for n in before if n.endswith("mlp.up_proj.weight"))
+    tokens = torch.tensor([loaded.tokenizer.encode("The quick brown fox jumps over")])
+    assert tokens.shape[1] <= 32
+    with torch.no_grad():
+        ours = loaded.model(tokens, loaded.model.empty_memory(1))
+        theirs = hf_model(tmp_path)(tokens).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_resume_continues_the_same_run(checkpoint, data_file, tmp_path) -> None:
+    run_cli(checkpoint, data_file, tmp_path / "straight", "--steps", "3")
+    run_cli(checkpoint, data_file, tmp_path / "resumed", "--steps", "2", "--save-every", "1")
+    run_cli(checkpoint, data_file, tmp_path / "resumed", "--steps", "3", "--resume")
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=0)
+
+
+# -- gradients ------------------------------------------------------------------------------------
+
+
+def first_window_case(checkpoint, dtype, **sleep):
+    """A model with window 4 and three windows of tokens: the first window's tokens (ids 100-103) appear
+    nowhere else, and only the last window's tokens are targets, so the loss reaches the first window
+    only through its sleep."""
+    model = load_model(checkpoint, dtype=dtype, window=4, **sleep).model.train()
+    tokens = torch.tensor([[100, 101, 102, 103, 210, 220, 230, 240, 250, 260, 270, 280]])
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, 9:] = True
+    return model, tokens, mask
+
+
+@pytest.mark.parametrize(
+    "sleep",
+    [
+        {"schedule": "hard", "sleep_passes": 1},
+        {"schedule": "hard", "sleep_passes": 3},
+        {"schedule": "hard", "sleep_passes": 3, "sleep_blocks": (1, 3)},
+        {"schedule": "lagged", "sleep_passes": 2},
+    ],
+    ids=["hard-n1", "hard-n3", "hard-n3-looped", "lagged-n2"],
+)
+def test_gradients_reach_the_first_window_through_every_pass(checkpoint, sleep) -> None:
+    """d loss / d (embeddings of the first window's tokens), through N sleep passes under activation
+    checkpointing, equals central finite differences (float64) along a random direction."""
+    model, tokens, mask = first_window_case(checkpoint, torch.float64, **sleep)
+    passes = model.config.sleep_passes
+    loss, _ = sequence_loss(model, tokens, mask, passes, checkpointing=True)
+    loss.backward()
+    rows = slice(100, 104)
+    grad = model.embed.weight.grad[rows]
+    assert grad.abs().max() > 1e-6
+    direction = torch.randn(grad.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eps = 1e-7  # the loss curves fast with N = 3: its error is O(eps²)
+    values = []
+    with torch.no_grad():
+        for sign in (1, -1):
+            model.embed.weight[rows] += sign * eps * direction
+            values.append(sequence_loss(model, tokens, mask, passes)[0].item())
+            model.embed.weight[rows] -= sign * eps * direction
+    numeric = (values[0] - values[1]) / (2 * eps)
+    analytic = (grad * direction).sum().item()
+    assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (numeric, analytic)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(checkpoint) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        model, tokens, mask = first_window_case(checkpoint, torch.float32, schedule="lagged", sleep_passes=2)
+        mask[:, 5:] = True
+        sequence_loss(model, tokens, mask, 2, checkpointing=checkpointing)[0].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bf16_autocast_keeps_the_state_fp32(checkpoint) -> None:
+    """Under bf16 autocast the projections run in bf16, the delta rule and the memory it returns in
+    float32: exactly what it computes without autocast on the same inputs."""
+    model, tokens, mask = first_window_case(checkpoint, torch.float32, schedule="hard", sleep_passes=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        memory = model.sleep(model.empty_memory(1), tokens[:, :4], 2)
+        block = model.blocks[gdn_layers(model.config)[0]]
+        x = block.mixer_norm(model.embed(tokens[:, :8]))
+        inputs = block.mixer.project(x)[:5]
+        assert block.mixer.qkv(x).dtype == torch.bfloat16  # the projections do run in bf16
+        _, fast = block.mixer.delta_rule(*inputs, memory[0])
+        loss, _ = sequence_loss(model, tokens, mask, 2, checkpointing=True)
+    assert all(m.dtype == torch.float32 for m in memory) and fast.dtype == torch.float32
+    _, exact = block.mixer.delta_rule(*inputs, memory[0])
+    assert torch.equal(fast, exact)
+    loss.backward()
+    assert model.embed.weight.grad.dtype == torch.float32 and model.embed.weight.grad[100:104].abs().max() > 0
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def test_chat_loss_mask_covers_exactly_the_assistant_turns(checkpoint) -> None:
+    tokenizer = HFTokenizer(checkpoint)
+    ids, mask = render_chat(tokenizer, CHAT)
+    assert ids == tokenizer.encode_chat(CHAT, add_generation_prompt=False)
+    runs, run = [], []
+    for token, target in zip(ids, mask, strict=True):
+        if target:
+            run.append(token)
+        elif run:
+            runs, run = [*runs, run], []
+    runs += [run] if run else []
+    spelled = [tokenizer.tokenizer.decode(r, skip_special_tokens=False) for r in runs]
+    assert spelled == [m["content"] + "<|im_end|>\n" for m in CHAT if m["role"] == "assistant"]
+    with pytest.raises(ValueError, match="assistant"):
+        render_chat(tokenizer, CHAT[:2])
+    text_ids, text_mask = render_text(tokenizer, TEXTS[0])
+    assert all(text_mask) and text_ids[-1] in tokenizer.eos_ids
+
+
+def test_task_windows_become_model_windows(checkpoint) -> None:
+    """Each task window fills one model window (left-padded), so the facts are evicted before the query;
+    only the answer is a target."""
+    tokenizer = HFTokenizer(checkpoint)
+    task = make_task("recall", window=40)
+    example = task.example(random.Random(0))
+    ids, mask = render_example(tokenizer, example, task.window, 40)
+    windows = len(example.context) // task.window
+    answer = tokenizer.encode(example.answer)
+    assert len(ids) == windows * 40 + len(tokenizer.encode(example.query)) + len(answer)
+    assert [i for i, m in zip(ids, mask, strict=True) if m] == answer
+    for w in range(windows):
+        text = tokenizer.decode(ids[w * 40 : (w + 1) * 40])
+        assert re.sub(r"^\.+", "", text) == re.sub(r"^\.+", "", example.context[w * 40 : (w + 1) * 40])
