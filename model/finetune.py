@@ -39,7 +39,7 @@ from model.config import SCHEDULES
 from model.data import DataMix
 from model.hybrid import HybridLM, Memory
 from model.layers import wide
-from model.loading import load_model, save_model
+from model.loading import ModelNotFoundError, load_model, save_model
 from model.train import chunk_bounds, lr_factor, muon_adamw
 
 
@@ -137,9 +137,10 @@ def _window_loss(
     weights: Tensor,
     *memory: Tensor,
 ) -> Tensor:
-    """The targets' summed cross-entropy from one pass over the window (the logits never leave here,
-    so checkpointing keeps no [B, T, vocab] tensor)."""
-    logits = model(window, list(memory), stale)[:, offset : offset + targets.shape[1]]
+    """The targets' summed cross-entropy from one pass over the window: the head runs on the target
+    positions only, and the logits never leave here, so checkpointing keeps no [B, T, vocab] tensor."""
+    h, _ = model.run_blocks(model.embed(window), list(memory), stale)
+    logits = model.logits(h[:, offset : offset + targets.shape[1]])
     losses = F.cross_entropy(wide(logits).flatten(0, 1), targets.flatten(), reduction="none")
     return (losses * weights.flatten()).sum()
 
@@ -285,7 +286,7 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False) -> HybridL
 PRESETS: dict[str, dict] = {
     # The paper's recipe on Qwen3.5-0.8B-Base for one H100 (not run here: see the README for its cost).
     # Hard eviction at L = 2048 with N = 2, the middle half of the 24 blocks looped; a warm-up of the
-    # gdn layers alone, then everything; chats with recall and the long-context tasks mixed in.
+    # gdn gates alone, then everything; recall and chains (add your own chats with --data).
     "gpu": {
         "window": 2048,
         "schedule": "hard",
@@ -299,7 +300,11 @@ PRESETS: dict[str, dict] = {
         "steps": 2000,
         "batch_size": 32,
         "accumulate": 8,
-        "warmup_params": ["blocks.*.mixer.*"],
+        # The gdn layers' decay and write-strength gates: what the fast weights keep, and how strongly
+        # each token writes into them.
+        "warmup_params": [
+            f"blocks.*.mixer.{name}" for name in ("A_log", "dt_bias", "decay_proj.*", "beta_proj.*")
+        ],
         "warmup_steps": 200,
         "bf16": True,
         "device": "cuda",
@@ -351,5 +356,8 @@ def parse_args(argv: list[str] | None) -> tuple[FinetuneConfig, Path, bool]:
 
 def main(argv: list[str] | None = None) -> None:
     config, out, resume = parse_args(argv)
-    finetune(config, out, resume)
+    try:
+        finetune(config, out, resume)
+    except ModelNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
     print(f"checkpoint written to {out}")

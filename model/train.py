@@ -325,7 +325,11 @@ PRESETS: dict[str, TrainConfig] = {
 
 
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
-    parser = argparse.ArgumentParser(prog="sleepserve train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="sleepserve train",
+        description=__doc__.split("\n\n")[0],
+        epilog="A pretrained checkpoint: sleepserve train --init-from PATH --help",
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="reproduce")
     parser.add_argument("--task", help="train on this one task (its default knobs) instead of the preset's")
     parser.add_argument("--passes", type=int, help="sleep passes N")

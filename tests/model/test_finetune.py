@@ -14,8 +14,9 @@ import torch
 from qwen_support import hf_model, make_checkpoint
 from safetensors.torch import load_file
 
+from model.checkpoint import load_checkpoint
 from model.data import render_chat, render_example, render_text
-from model.finetune import FinetuneConfig, sequence_loss, start_stage, train_step
+from model.finetune import FinetuneConfig, parse_args, sequence_loss, start_stage, train_step
 from model.loading import load_model
 from model.tasks import make_task
 from model.tokenizer import HFTokenizer
@@ -72,11 +73,11 @@ def test_loss_falls_on_a_fixed_batch(checkpoint, schedule) -> None:
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def run_cli(checkpoint, data_file, out, *extra: str) -> None:
+def run_cli(checkpoint, data_file, out, *extra: str, blocks: str = "3") -> None:
     train_main(
         [
             "--init-from", str(checkpoint), "--data", str(data_file), "--task", "recall",
-            "--window", "32", "--schedule", "hard", "--passes", "2", "--sleep-blocks", "1", "3",
+            "--window", "32", "--schedule", "hard", "--passes", "2", "--sleep-blocks", "1", blocks,
             "--sequence-windows", "2", "--batch-size", "2", "--muon-lr", "1e-2", "--adamw-lr", "1e-2",
             "--out", str(out), *extra,
         ]
@@ -127,6 +128,22 @@ def test_trained_checkpoint_loads_in_the_server_and_in_transformers(checkpoint, 
         ours = loaded.model(tokens, loaded.model.empty_memory(1))
         theirs = hf_model(tmp_path)(tokens).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_a_native_checkpoint_trains_the_same_way(tiny_checkpoint, data_file, tmp_path) -> None:
+    """The sleepy family (byte tokenizer, its own chat format) through the same command: the result is a
+    native checkpoint with the new sleep settings in its config."""
+    source = tiny_checkpoint(schedule="lagged")
+    run_cli(source, data_file, tmp_path, "--steps", "2", blocks="2")
+    trained = load_checkpoint(tmp_path)
+    assert (trained.config.window, trained.config.schedule, trained.config.sleep_blocks) == (
+        32,
+        "hard",
+        (1, 2),
+    )
+    before = load_checkpoint(source).state_dict()
+    assert any(not torch.equal(before[n], t) for n, t in trained.state_dict().items())
+    assert load_model(tmp_path).family == "sleepy"
 
 
 def test_resume_continues_the_same_run(checkpoint, data_file, tmp_path) -> None:
@@ -252,3 +269,12 @@ def test_task_windows_become_model_windows(checkpoint) -> None:
     for w in range(windows):
         text = tokenizer.decode(ids[w * 40 : (w + 1) * 40])
         assert re.sub(r"^\.+", "", text) == re.sub(r"^\.+", "", example.context[w * 40 : (w + 1) * 40])
+
+
+def test_gpu_preset_and_flags_over_it() -> None:
+    config, out, resume = parse_args(
+        ["--init-from", "Qwen/Qwen3.5-0.8B-Base", "--preset", "gpu", "--passes", "4", "--out", "runs/q"]
+    )
+    assert (config.window, config.schedule, config.sleep_blocks, config.passes) == (2048, "hard", (6, 18), 4)
+    assert config.bf16 and config.device == "cuda" and config.warmup_steps > 0 and "recall" in config.tasks
+    assert str(out) == "runs/q" and not resume
