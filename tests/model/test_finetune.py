@@ -5,6 +5,7 @@ chat loss mask."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -212,6 +213,49 @@ def test_activation_checkpointing_gives_the_same_gradients(checkpoint) -> None:
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def saved_bytes(model, tokens, mask, passes: int, checkpointing: bool) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one sequence's loss."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        sequence_loss(model, tokens, mask, passes, checkpointing=checkpointing)
+    return total
+
+
+def test_checkpointed_memory_does_not_grow_with_the_passes(checkpoint) -> None:
+    """With checkpointing autograd keeps each window's inputs and the memory at each boundary, the same
+    for N = 1 and N = 4; without, every pass's activations (the case would fail were it not in effect)."""
+    model, tokens, mask = first_window_case(checkpoint, torch.float32, schedule="hard", sleep_passes=1)
+    kept = {(n, c): saved_bytes(model, tokens, mask, n, c) for n in (1, 4) for c in (False, True)}
+    assert kept[(1, True)] == kept[(4, True)] < kept[(1, False)] < kept[(4, False)]
+
+
+def test_gradient_accumulation_gives_the_same_gradients(checkpoint) -> None:
+    """Two micro-batches with different numbers of targets: the step's gradient (the mean over all the
+    batch's targets, clipped) is the one of the whole batch at once."""
+    config = FinetuneConfig(str(checkpoint), batch_size=4, muon_lr=1e-2, adamw_lr=1e-2)
+    tokens = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[0, :10] = False  # micro-batches with different numbers of targets
+    grads, losses = [], []
+    for accumulate in (1, 2):
+        model = load_model(checkpoint, window=8, schedule="lagged", sleep_passes=2).model.train()
+        step_config = dataclasses.replace(config, accumulate=accumulate)
+        loss, _ = train_step(
+            model, start_stage(model, step_config, warmup=False), tokens, mask, step_config, 2
+        )
+        losses.append(loss)
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_bf16_autocast_keeps_the_state_fp32(checkpoint) -> None:
