@@ -22,7 +22,7 @@ from torch import Tensor
 
 from model.tasks import Example, make_task
 from model.tasks.base import FILLER, Task
-from model.tokenizer import Tokenizer
+from model.tokenizer import HFTokenizer, Tokenizer
 
 Piece = tuple[list[int], list[bool]]  # token ids and loss mask, of equal length
 
@@ -45,11 +45,41 @@ def render_text(tokenizer: Tokenizer, text: str) -> Piece:
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict]) -> Piece:
-    """The conversation through the chat template, the tokens of each assistant turn (its content and
-    the template's end of turn) as targets. Each assistant turn is found as what the template adds
-    between the conversation before it with a generation prompt and the conversation through it."""
+    """The conversation through the checkpoint's chat template; the tokens of each assistant turn (its
+    content and the end-of-turn token after it) are the targets."""
     if not any(m.get("role") == "assistant" for m in messages):
         raise ValueError("a chat example needs at least one assistant message")
+    if isinstance(tokenizer, HFTokenizer):
+        return _render_chat_text(tokenizer, messages)
+    return _render_chat_prefixes(tokenizer, messages)
+
+
+def _render_chat_text(tokenizer: HFTokenizer, messages: list[dict]) -> Piece:
+    """Each message's content found, in order, in the rendered text, and the tokens whose characters
+    start inside an assistant's (and the eos text right after it) marked. Templates that render earlier
+    turns differently from the last one (Qwen's, which drop the thinking of earlier turns) work too."""
+    hf = tokenizer.tokenizer
+    text = hf.apply_chat_template(messages, tokenize=False)
+    encoded = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans, cursor = [], 0
+    for number, message in enumerate(messages):
+        content = message["content"].strip()
+        start = text.find(content, cursor)
+        if start < 0:
+            raise ValueError(f"message {number}'s content is not in the chat template's rendering")
+        cursor = start + len(content)
+        if message["role"] == "assistant":
+            if hf.eos_token and text.startswith(hf.eos_token, cursor):
+                cursor += len(hf.eos_token)
+            spans.append((start, cursor))
+    mask = [any(a <= first < b for a, b in spans) for first, _ in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), mask
+
+
+def _render_chat_prefixes(tokenizer: Tokenizer, messages: list[dict]) -> Piece:
+    """Each assistant turn as what the chat format adds between the conversation before it with a
+    generation prompt and the conversation through it (a format that renders a conversation as the
+    prefix of its continuation, as the native one does)."""
     ids = tokenizer.encode_chat(messages, add_generation_prompt=False)
     mask = [False] * len(ids)
     for i, message in enumerate(messages):
@@ -59,8 +89,7 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict]) -> Piece:
         through = tokenizer.encode_chat(messages[: i + 1], add_generation_prompt=False)
         if ids[: len(through)] != through or through[: len(before)] != before:
             raise ValueError(
-                "the chat template does not render a conversation as the prefix of its continuation: "
-                "the assistant turns cannot be told apart"
+                "the chat format does not render a conversation as the prefix of its continuation"
             )
         mask[len(before) : len(through)] = [True] * (len(through) - len(before))
     return ids, mask

@@ -20,7 +20,7 @@ from model.data import render_chat, render_example, render_text
 from model.finetune import FinetuneConfig, parse_args, sequence_loss, start_stage, train_step
 from model.loading import load_model
 from model.tasks import make_task
-from model.tokenizer import HFTokenizer
+from model.tokenizer import END_OF_MESSAGE, HFTokenizer
 from model.train import main as train_main
 
 torch.set_num_threads(1)
@@ -284,19 +284,55 @@ def test_chat_loss_mask_covers_exactly_the_assistant_turns(checkpoint) -> None:
     tokenizer = HFTokenizer(checkpoint)
     ids, mask = render_chat(tokenizer, CHAT)
     assert ids == tokenizer.encode_chat(CHAT, add_generation_prompt=False)
-    runs, run = [], []
-    for token, target in zip(ids, mask, strict=True):
-        if target:
-            run.append(token)
-        elif run:
-            runs, run = [*runs, run], []
-    runs += [run] if run else []
-    spelled = [tokenizer.tokenizer.decode(r, skip_special_tokens=False) for r in runs]
-    assert spelled == [m["content"] + "<|im_end|>\n" for m in CHAT if m["role"] == "assistant"]
+    spelled = [tokenizer.tokenizer.decode(r, skip_special_tokens=False) for r in marked_runs(ids, mask)]
+    assert spelled == [m["content"] + "<|im_end|>" for m in CHAT if m["role"] == "assistant"]
     with pytest.raises(ValueError, match="assistant"):
         render_chat(tokenizer, CHAT[:2])
     text_ids, text_mask = render_text(tokenizer, TEXTS[0])
     assert all(text_mask) and text_ids[-1] in tokenizer.eos_ids
+
+
+# Qwen's way: the last assistant turn gets an (empty) thinking block that the earlier ones lose, so a
+# conversation does not render as the prefix of its continuation.
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' and loop.last %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def marked_runs(ids: list[int], mask: list[bool]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i, (token, target) in enumerate(zip(ids, mask, strict=True)):
+        if target:
+            if i == 0 or not mask[i - 1]:
+                runs.append([])
+            runs[-1].append(token)
+    return runs
+
+
+def test_chat_mask_with_a_template_that_rewrites_earlier_turns(checkpoint) -> None:
+    """A user message that quotes the assistant's next answer is not marked; the thinking block is not."""
+    tokenizer = HFTokenizer(checkpoint)
+    tokenizer.tokenizer.chat_template = THINKING_TEMPLATE
+    chat = [*CHAT[:3], {"role": "user", "content": "Say 'It jumps over the lazy dog.' again"}, CHAT[4]]
+    ids, mask = render_chat(tokenizer, chat)
+    spelled = [tokenizer.tokenizer.decode(r, skip_special_tokens=False) for r in marked_runs(ids, mask)]
+    assert spelled == ["It is 4.<|im_end|>", "It jumps over the lazy dog.<|im_end|>"]
+
+
+def test_native_chat_mask(tiny_checkpoint) -> None:
+    """The byte-level chat format: each assistant turn's bytes and its end-of-message token."""
+    tokenizer = load_model(tiny_checkpoint()).tokenizer
+    ids, mask = render_chat(tokenizer, CHAT)
+    assert ids == tokenizer.encode_chat(CHAT, add_generation_prompt=False)
+    runs = marked_runs(ids, mask)
+    assert [tokenizer.decode(r) for r in runs] == [m["content"] for m in CHAT if m["role"] == "assistant"]
+    assert all(r[-1] == END_OF_MESSAGE for r in runs)
 
 
 def test_task_windows_become_model_windows(checkpoint) -> None:
