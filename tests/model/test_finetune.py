@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from model.checkpoint import load_checkpoint
 from model.data import render_chat, render_example, render_text
 from model.finetune import FinetuneConfig, parse_args, sequence_loss, start_stage, train_step
-from model.loading import load_model
+from model.loading import load_model, read_weights, save_model
 from model.tasks import make_task
 from model.tokenizer import END_OF_MESSAGE, HFTokenizer
 from model.train import main as train_main
@@ -145,6 +145,26 @@ def test_a_native_checkpoint_trains_the_same_way(tiny_checkpoint, data_file, tmp
     before = load_checkpoint(source).state_dict()
     assert any(not torch.equal(before[n], t) for n, t in trained.state_dict().items())
     assert load_model(tmp_path).family == "sleepy"
+
+
+def test_save_model_keeps_the_hub_layout(tmp_path) -> None:
+    """A `qwen3_5` VLM checkpoint (two shards, tied embeddings, vision and MTP tensors) comes back with
+    the same names and dtypes, the skipped tensors as they were, the changed weights in place."""
+    source = make_checkpoint(tmp_path / "source", layout="vlm", tied=True)
+    model = load_model(source, window=16).model
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param))
+    save_model(model, source, tmp_path / "out")
+    original = {name: t for name, t in read_weights(source)}
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert saved.keys() == original.keys()
+    assert all(saved[n].dtype == t.dtype for n, t in original.items())
+    assert torch.equal(saved["mtp.fc.weight"], original["mtp.fc.weight"])
+    reloaded = load_model(tmp_path / "out").model
+    assert reloaded.config.window == 16 and reloaded.config.tie_embeddings
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
 
 
 def test_resume_continues_the_same_run(checkpoint, data_file, tmp_path) -> None:
