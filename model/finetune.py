@@ -253,6 +253,7 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False) -> HybridL
         record = {
             "step": step,
             "stage": "warmup" if warmup else "full",
+            "schedule": model.config.schedule,
             "source": batch.source,
             "loss": loss,
             "grad_norm": grad_norm,

@@ -86,10 +86,16 @@ def run_cli(checkpoint, data_file, out, *extra: str, blocks: str = "3") -> None:
 
 
 def test_warm_up_stage_changes_only_its_named_parameters(checkpoint, data_file, tmp_path) -> None:
+    """Two warm-up steps of a lagged run: hard eviction, only the named parameters change."""
     run_cli(
         checkpoint, data_file, tmp_path, "--warmup-params", "blocks.*.mixer.A_log", "blocks.*.mixer.dt_bias",
-        "--warmup-steps", "2", "--steps", "0",
+        "--warmup-steps", "2", "--steps", "0", "--schedule", "lagged",
     )  # fmt: skip
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["schedule"], r["source"]) for r in log] == [
+        ("warmup", "hard", "data"), ("warmup", "hard", "recall"),
+    ]  # fmt: skip
+    assert json.loads((tmp_path / "config.json").read_text())["sleepserve"]["schedule"] == "lagged"
     before, after = load_file(checkpoint / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert before.keys() == after.keys()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
@@ -97,8 +103,6 @@ def test_warm_up_stage_changes_only_its_named_parameters(checkpoint, data_file, 
     assert changed == {
         f"model.layers.{i}.linear_attn.{p}" for i in gdn_layers(config) for p in ("A_log", "dt_bias")
     }
-    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["source"]) for r in log] == [("warmup", "data"), ("warmup", "recall")]
 
 
 def test_trained_checkpoint_loads_in_the_server_and_in_transformers(checkpoint, data_file, tmp_path) -> None:
