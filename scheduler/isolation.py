@@ -40,7 +40,7 @@ def create_executor(
     thread's time a sleep's N is planned to take (interleaved, offload); `sleeper_cpus`: the CPUs a
     sleeper process runs on (process, offload; None: where the server does). `kw`: `SleepExecutor`'s.
     A model with `sleep_blocks` gets whole sleeps: thread for interleaved, process for offload."""
-    if model.config.sleep_blocks is not None and isolation in WHOLE_SLEEP:
+    if isolation in WHOLE_SLEEP and model.config.sleep_blocks is not None:
         log.warning(
             "sleep_blocks %s loop in a sleep: %s sleep runs every block each pass, using %s instead",
             model.config.sleep_blocks,
