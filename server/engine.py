@@ -197,13 +197,13 @@ class Sequence:
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from finite logits [vocab]: argmax at temperature 0, else top-k / top-p sampling.
-    Safe at any temperature > 0, subnormal ones included: in float64 (where the temperature is not
-    rounded to 0) the logits are shifted to a maximum of 0 before the division, so they scale to
-    [-inf, 0] and the likeliest token keeps probability > 0."""
+    Safe at any temperature > 0: the logits are shifted to a maximum of 0 before the division, so they
+    scale to [-inf, 0] and the likeliest token keeps probability > 0; a temperature below float32's
+    smallest normal number (which float32 would round to 0) divides as that number, greedy either way."""
     if params.temperature == 0:
         return int(logits.argmax())
-    logits = logits.double()
-    logits = (logits - logits.max()) / params.temperature
+    logits = logits.float()
+    logits = (logits - logits.max()) / max(params.temperature, _FLOAT32_TINY)
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -213,6 +213,9 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
         logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 class StopMatcher:
@@ -455,7 +458,11 @@ class Engine:
                 self._prefill_group([seq], n)
             return
         at_boundary = []
+        finite = _finite_rows(logits[:, -1])
         for row, (seq, piece) in enumerate(zip(group, pieces, strict=True)):
+            if not finite[row]:
+                self._fail(seq, "the model produced non-finite logits for this request")
+                continue
             seq.cache = window.select([row]) if len(group) > 1 else window
             seq.fed += n
             seq.stats.prompt_tokens += n
@@ -479,9 +486,11 @@ class Engine:
         try:
             logits, self._cache = self.model.extend(tokens, self._cache)
             outputs: list[Tensor | None] = list(logits[:, -1])
+            finite = _finite_rows(logits[:, -1])
         except Exception as exc:
             log.warning("a decode batch of %d failed (%s): running its rows one by one", len(rows), exc)
             outputs = self._decode_apart(rows)
+            finite = [out is None or _finite_rows(out[None])[0] for out in outputs]
         decoded = self._decode_clock()
         if self._last_decode is not None:
             self._rate.observe(decoded - self._last_decode)
@@ -489,9 +498,12 @@ class Engine:
         self.max_batch = max(self.max_batch, len(rows))
         self.metrics.decode_batch_size.observe(len(rows))
         at_boundary = []
-        for seq, out in zip(rows, outputs, strict=True):
+        for seq, out, ok in zip(rows, outputs, finite, strict=True):
             if out is None:
                 continue  # failed alone (`_decode_apart`)
+            if not ok:
+                self._fail(seq, "the model produced non-finite logits for this request")
+                continue
             room = self._advance(seq, [seq.pending.pop(0)], out)
             if not room:
                 at_boundary.append(seq)
@@ -777,9 +789,6 @@ class Engine:
     def _sample(self, seq: Sequence) -> None:
         """Sample the next token after `seq.logits`, emit its text, and decide whether the request ends."""
         params = seq.request.params
-        if not bool(torch.isfinite(seq.logits).all()):
-            self._fail(seq, "the model produced non-finite logits for this request")
-            return
         try:
             token = sample(seq.logits, params, seq.generator)
         except Exception as exc:
@@ -876,6 +885,11 @@ class Engine:
         capacity = self.model.config.window_capacity
         fills = [len(s.state.tail) / capacity for s in self.running]
         self.metrics.kv_window_usage_ratio.set(sum(fills) / len(fills) if fills else 0.0)
+
+
+def _finite_rows(logits: Tensor) -> list[bool]:
+    """Whether each row of logits [B, vocab] is finite: one check (and one device sync) per batch."""
+    return torch.isfinite(logits).all(-1).tolist()
 
 
 def _set_result(future: asyncio.Future, value: Output) -> None:
