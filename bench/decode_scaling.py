@@ -15,7 +15,6 @@ step (their batched re-prefill; a stale-kv boundary, the shipped one, recomputes
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -25,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from bench.models import full_attention_config, random_model_config
+from bench.record import random_record, write_result
 from model.checkpoint import fingerprint
 from model.config import ModelConfig
 from model.hybrid import HybridLM
@@ -223,9 +223,8 @@ def main(argv: list[str] | None = None) -> None:
 
     boundary = boundary_costs(base, sessions=8, repeats=50)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "config": base.to_dict(), "results": results, "sleep": sleep}
-    args.out.write_text(json.dumps({**report, "lagged_boundary": boundary}, indent=2))
+    write_result(args.out, {**report, "lagged_boundary": boundary}, random_record(base))
     plot(results, args.out.with_suffix(".png"))
     for row in results:
         print(

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import os
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 from bench import sleep_overlap
 from bench.decode_scaling import machine
 from bench.models import random_model_config
+from bench.record import checkpoint_record, random_record, write_result
 from bench.sleep_overlap import rounds_in_turn, server_means, server_times, workload_arguments
 from bench.stats import spread_itl
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"hand-off {row['handoff_ms_mean']:.2f} ms ({row['handoff_share_slow']:.1%} over 2 ms)"
         )
     print(f"p99 ratio {report['p99_ratio']:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    made_with = random_record(lagged) if source == "random" else checkpoint_record(Path(source))
+    write_result(args.out, report, made_with)
     return report
 
 

@@ -55,6 +55,7 @@ import torch
 from bench.decode_scaling import machine
 from bench.models import random_model_config, save_random
 from bench.procs import http_server
+from bench.record import random_record, write_result
 from bench.serve import RequestConfig, run_requests
 from bench.stats import summarize
 from model.config import CONSTRUCTIONS
@@ -330,8 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         "lagged_zero_deadline_misses": product["deadline_misses"] == 0,
         "lagged_mean_passes_at_least_3": product["mean_passes"] >= 3,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_result(args.out, report, random_record(config))
     plot(report, args.out.with_suffix(".png"))
     print(json.dumps(report["floors"], indent=2))
     return report

@@ -11,13 +11,13 @@ rule); each further N adds a full pass.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from bench.decode_scaling import machine, sleep_costs
 from bench.models import random_model_config
+from bench.record import random_record, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['sessions']} session(s), N = {row['passes']}: {row['sleep_ms']:.2f} ms "
             f"(a prefill of the same chunks {row['chunk_prefill_ms']:.2f} ms)"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_result(args.out, report, random_record(config))
     return report
 
 
