@@ -10,6 +10,7 @@ import pytest
 
 from bench.record import RESULTS, checkpoint_fingerprint
 from bench.registry import BENCHMARKS
+from bench.report import DOCUMENTS, MARKERS, RENDERERS, stale_parts
 from model.checkpoint import DEFAULT_CHECKPOINT
 from model.config import ModelConfig
 
@@ -39,3 +40,15 @@ def test_result_made_with_the_shipped_checkpoint(path: Path) -> None:
             assert made_with["config"] == ModelConfig.load(DEFAULT_CHECKPOINT / "config.json").to_dict()
     else:
         assert made_with["weights"] == "trained by the benchmark" and made_with["models"]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
+def test_generated_docs_match_their_sources(document: Path) -> None:
+    """The results tables say what bench/results holds, the settings table what server/settings.py
+    defines: `python -m bench.report` rewrites them."""
+    assert stale_parts(document) == []
+
+
+def test_every_table_is_published() -> None:
+    published = {match["name"] for path in DOCUMENTS for match in MARKERS.finditer(path.read_text())}
+    assert published == set(RENDERERS)
