@@ -11,7 +11,7 @@ sleep_overlap's servers: both engines built once, one round each not counted, th
 (each round's counters their change over it); percentiles over the pooled gaps, the engine's mean
 iteration apart and at a window boundary (`sleepserve_engine_step_seconds{boundary}`) and the mean
 hand-off of outputs to the event loop (`sleepserve_output_handoff_seconds`). Writes
-bench/results/engine_itl.json.
+bench/results/engine_itl.json and a PNG of each system's p99 by round and its steps.
 
 `--weights`: `random` (default, as sleep_overlap; its lagged construction `--lagged-construction`) or
 `checkpoint` (the shipped model, or the one in `--checkpoint`). The weights do
@@ -153,6 +153,32 @@ def pool(name: str, rounds: list[dict]) -> dict:
     }
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Each system's p99 ITL round by round (pooled p99 dashed) and its mean steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (p99, steps) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, row in enumerate(rows):
+        rounds = row["itl_p99_ms_rounds"]
+        p99.plot(range(1, len(rounds) + 1), rounds, "o-", color=f"C{i}", label=row["name"])
+        p99.axhline(row["itl_p99_ms"], color=f"C{i}", linestyle="--", linewidth=0.8)
+    p99.set(xlabel="round", ylabel="ms", title="ITL p99 by round (dashed: pooled)")
+    names = [row["name"] for row in rows]
+    for j, boundary in enumerate(("none", "crossed")):
+        xs = [k + 0.4 * j for k in range(len(rows))]
+        steps.bar(xs, [row[f"step_ms_{boundary}"] for row in rows], width=0.4, label=f"boundary: {boundary}")
+    steps.set_xticks([k + 0.2 for k in range(len(rows))], names)
+    steps.set(ylabel="ms", title="Mean engine step")
+    for ax in (p99, steps):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = workload_arguments(__doc__, rounds=4)
     parser.add_argument("--weights", choices=["random", "checkpoint"], default="random")
@@ -206,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"p99 ratio {report['p99_ratio']:.2f}")
     made_with = random_record(lagged) if source == "random" else checkpoint_record(Path(source))
     write_result(args.out, report, made_with)
+    plot(rows, args.out.with_suffix(".png"))
     return report
 
 

@@ -275,9 +275,19 @@ def run(work: Workload, systems: list[str], folder: Path, progress: bool = True)
                 *server_args,
             ],
         ),
+        # It never sleeps (its window holds the whole conversation), so no sleep scheduler: one in the
+        # background would time a sleep pass over that 20k-token window at start, for minutes.
         "full-attention": (
             "server",
-            ["--checkpoint", str(dense_dir), "--model-name", "full-attention", *server_args],
+            [
+                "--checkpoint",
+                str(dense_dir),
+                "--model-name",
+                "full-attention",
+                "--sleep-mode",
+                "inline",
+                *server_args,
+            ],
         ),
         "transformers": (
             "bench.hf_server",
