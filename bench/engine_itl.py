@@ -20,9 +20,9 @@ of them parts of a multi-byte character, so an output often waits for several to
 several steps; the trained model writes ASCII, about one output per token, so its gaps are the steps.
 
     python -m bench.engine_itl
-    python -m bench.engine_itl --weights checkpoint --out bench/results/engine_itl_checkpoint.json
+    python -m bench.engine_itl --weights checkpoint --out runs/engine_itl_checkpoint.json
     python -m bench.engine_itl --weights checkpoint --sleep-worker process --sleeper-nice 19 \
-        --out bench/results/engine_itl_checkpoint_nice19.json
+        --out runs/engine_itl_checkpoint_nice19.json
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ time (the first measured round) with each stream's window boundaries marked.
 
     python -m bench.sleep_overlap
     python -m bench.sleep_overlap --min-passes 1 --sleep-share 0.35 \
-        --out bench/results/sleep_overlap_server_defaults.json
-    python -m bench.sleep_overlap --device cuda --out bench/results/sleep_overlap_cuda.json
+        --out runs/sleep_overlap_server_defaults.json
+    python -m bench.sleep_overlap --device cuda --out runs/sleep_overlap_cuda.json
     python -m bench.sleep_overlap --sleep-worker process --sleeper-nice 19 \
-        --out bench/results/sleep_overlap_nice19.json
+        --out runs/sleep_overlap_nice19.json
 """
 
 from __future__ import annotations

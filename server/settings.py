@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     # take turns on one GIL, and on different cores each turn moves the interpreter's hot state
     # between their caches: on 2 cores, decode steps took 1.35-2.4 ms, switching between the two as
     # the kernel moved the threads, against a steady 1.2 ms on one core (a throwaway timing of the
-    # engine in-process; the README has it). "auto": one core, the last the process may use, on CPU
+    # engine in-process; docs/design.md has why). "auto": one core, the last the process may use, on CPU
     # when torch runs one thread and background sleep is interleaved or offloaded (whose child then
     # runs on the other cores; a sleeper thread or process needs cores of its own, and so do torch's
     # threads); "none": as the kernel places them; else CPU ids, comma-separated.
