@@ -75,3 +75,8 @@ def test_every_readme_shell_command_is_run_or_listed() -> None:
     skipped = [block for block in blocks("bash") if ARROW.search(block) is None]
     commands = {line.split("#")[0].strip() for block in skipped for line in block.splitlines()} - {""}
     assert commands <= NOT_RUN_HERE
+
+
+def test_readme_stays_short() -> None:
+    """A README for users: design notes go to docs/design.md, benchmark detail to docs/benchmarks.md."""
+    assert len(README.read_text().splitlines()) <= 250
