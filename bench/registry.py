@@ -64,7 +64,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "reproduce",
         "bench.reproduce",
         "reproduction.json",
-        "--seeds 0 1 --steps 2 --eval-per-t 2 --runs {runs}",  # two seeds: the summary's differences
+        "--seeds 0 1 --steps 2 --batch-size 4 --eval-per-t 2 --train-eval-per-t 2 --runs {runs}",  # two seeds: the summary's differences
         smoke_folders=("runs",),
     ),
     Benchmark(

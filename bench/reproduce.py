@@ -165,6 +165,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=PRESETS["reproduce"].steps)
     parser.add_argument("--eval-per-t", type=int, default=500)
+    preset = PRESETS["reproduce"]
+    parser.add_argument("--batch-size", type=int, default=preset.batch_size)
+    parser.add_argument(
+        "--train-eval-per-t",
+        type=int,
+        default=preset.eval_per_difficulty,
+        help="examples per t of the evaluation each run logs at its end (the training curves')",
+    )
     parser.add_argument(
         "--only",
         nargs="+",
@@ -175,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    base = PRESETS["reproduce"]
+    base = dataclasses.replace(
+        PRESETS["reproduce"], batch_size=args.batch_size, eval_per_difficulty=args.train_eval_per_t
+    )
     report = {"task": base.tasks, "config": {**base.to_dict(), "steps": args.steps}, "runs": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     lock_path = args.out.with_suffix(".lock")
