@@ -10,7 +10,7 @@ from redis import asyncio as aioredis
 from model.checkpoint import fingerprint, load_checkpoint
 from model.hybrid import HybridLM
 from model.tokenizer import ByteTokenizer
-from scheduler.executor import SleepExecutor
+from scheduler.isolation import create_executor
 from scheduler.policy import DepthPolicy
 from server.engine import Engine
 from server.idle import IdleConsolidator
@@ -90,11 +90,11 @@ def build_server(
             isolation,
             f", its process on CPUs {sorted(sleeper_cpus)}" if sleeper_cpus and sleeper else "",
         )
-        executor = SleepExecutor(
+        executor = create_executor(
             model,
+            isolation,
             policy=policy,
             metrics=metrics,
-            isolation=isolation,
             nice=settings.sleeper_nice,
             batch_wait=settings.sleep_batch_wait,
             share=settings.sleep_share,
