@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     print(f"p99 ratio {report['p99_ratio']:.2f}")
     made_with = random_record(lagged) if source == "random" else checkpoint_record(Path(source))
-    write_result(args.out, report, made_with)
+    report = write_result(args.out, report, made_with)
     plot(rows, args.out.with_suffix(".png"))
     return report
 

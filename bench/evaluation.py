@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": HELD_OUT_SEED,
         "accuracy": accuracy,
     }
-    write_result(args.out, report, checkpoint_record(args.checkpoint))
+    report = write_result(args.out, report, checkpoint_record(args.checkpoint))
     plot(accuracy, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return report

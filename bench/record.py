@@ -84,8 +84,10 @@ def made_with(source: str, config: ModelConfig) -> dict[str, Any]:
     return checkpoint_record(folder) if (folder / "config.json").is_file() else random_record(config)
 
 
-def write_result(path: Path, report: dict[str, Any], made_with: dict[str, Any]) -> None:
-    """Write `report` as JSON at `path` with its provenance: the commit and `made_with`."""
+def write_result(path: Path, report: dict[str, Any], made_with: dict[str, Any]) -> dict[str, Any]:
+    """Write `report` as JSON at `path` with its provenance (the commit and `made_with`); returns what
+    it wrote."""
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {**report, "provenance": {"commit": commit(), "made_with": made_with}}
     path.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    return record

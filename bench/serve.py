@@ -545,7 +545,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data = result.to_dict(detailed=args.save_detailed)
     path = Path(args.result_dir) / (args.result_filename or default_filename(result))
     # the server under test may run any model: the harness records what it asked for
-    write_result(path, data, {"weights": "served", "base_url": args.base_url, "model": result.config.model})
+    data = write_result(
+        path, data, {"weights": "served", "base_url": args.base_url, "model": result.config.model}
+    )
     print(f"Results written to {path}")
     return data
 

@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         "lagged_zero_deadline_misses": product["deadline_misses"] == 0,
         "lagged_mean_passes_at_least_3": product["mean_passes"] >= 3,
     }
-    write_result(args.out, report, random_record(config))
+    report = write_result(args.out, report, random_record(config))
     plot(report, args.out.with_suffix(".png"))
     print(json.dumps(report["floors"], indent=2))
     return report

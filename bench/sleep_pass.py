@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['sessions']} session(s), N = {row['passes']}: {row['sleep_ms']:.2f} ms "
             f"(a prefill of the same chunks {row['chunk_prefill_ms']:.2f} ms)"
         )
-    write_result(args.out, report, random_record(config))
+    report = write_result(args.out, report, random_record(config))
     plot(rows, args.out.with_suffix(".png"))
     return report
 
