@@ -156,6 +156,7 @@ def plot(report: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)  # a figure per call: callers in one process would pile them up
 
 
 def main(argv: list[str] | None = None) -> None:
