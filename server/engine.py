@@ -736,11 +736,24 @@ class Engine:
         if self.model.config.stale_kv:
             self._move_stale_windows(crossing)
         else:
-            states = [s.state for s in crossing]
-            for seq, (window, row) in zip(crossing, open_windows(self.model, states), strict=True):
-                self._install(seq, window, row)
+            crossing = self._reopen_windows(crossing)
         if lagged:
             self._start_sleeps(crossing)  # on the chunks that just completed
+
+    def _reopen_windows(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Rebuild the windows of `seqs` from their new memory, in batches; should that fail, each alone.
+        Returns the sequences that go on."""
+        try:
+            windows = open_windows(self.model, [seq.state for seq in seqs])
+        except Exception as exc:
+            if len(seqs) == 1:
+                self._fail(seqs[0], "its window could not be rebuilt after its sleep", exc)
+                return []
+            log.warning("rebuilding %d windows failed (%s): one by one", len(seqs), exc)
+            return [kept for seq in seqs for kept in self._reopen_windows([seq])]
+        for seq, (window, row) in zip(seqs, windows, strict=True):
+            self._install(seq, window, row)
+        return seqs
 
     def _move_stale_windows(self, seqs: list[Sequence]) -> None:
         """stale-kv's boundary for `seqs`, whose sleeps were just swapped in: each window keeps its

@@ -178,6 +178,35 @@ async def test_a_failing_sleep_fails_its_sequence_alone(isolation):
     assert final.finish_reason == "error" and "sleep failed" in final.error
 
 
+async def test_a_window_that_cannot_be_rebuilt_after_a_sleep_fails_alone():
+    """Background sleep, lagged: at a boundary the window is rebuilt from the new memory for every
+    sequence crossing it, in one batch; when that raises, each is rebuilt alone and only the culprit
+    (whose chunk holds a token the model cannot take) fails."""
+    model = tiny_model("lagged")
+    others = set()
+    for prompt in PROMPTS:
+        others |= set(TOKENIZER.encode(prompt)) | set(reference(model, prompt, 20))
+    marker = next(t for t in range(256) if t not in others)
+    fill = model.fill
+
+    def failing_fill(tokens, cache):
+        if bool((tokens == marker).any()):
+            raise RuntimeError("kernel failure")
+        return fill(tokens, cache)
+
+    model.fill = failing_fill
+    metrics = Metrics()
+    engine = Engine(
+        model, passes=2, metrics=metrics, executor=create_executor(model, "thread", metrics=metrics)
+    )
+    prompt = [ord("y")] * 10 + [marker] + [ord("y")] * 19  # the marker in the second chunk
+    try:
+        final = await run_alongside(engine, model, EngineRequest(new_state(model), prompt, greedy(20)))
+    finally:
+        await engine.shutdown(grace=0)
+    assert final.finish_reason == "error" and "rebuilt" in final.error
+
+
 def brute_force_stop(text: str, stops: tuple[str, ...]) -> int | None:
     """Where the first stop string to be completed, reading the text character by character, begins
     (the longest of those completed by one character)."""
