@@ -34,7 +34,8 @@ sequence; the session must not be saved).
 Containment: a failure tied to one sequence (its window does not open, its logits are not finite, its
 sampling or its sleep raises) finishes that sequence alone with `error`. A batched model call that
 raises is run again row by row, so that only the rows that fail again end (`_decode_apart`,
-`_prefill_group`); the others go on as if nothing happened.
+`_prefill_group`, `_reopen_windows`); the others go on as if nothing happened. A background sleep batch
+that raises is retried job by job the same way (`scheduler/thread.py`).
 """
 
 from __future__ import annotations
