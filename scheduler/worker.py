@@ -30,6 +30,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from model.checkpoint import DEFAULT_CHECKPOINT, fingerprint, load_checkpoint
+from model.cli_help import DefaultsHelpFormatter
 from model.hybrid import HybridLM
 from model.session import consolidate_all
 from model.state import SessionState, SessionStateError
@@ -206,19 +207,22 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"SLEEPSERVE_{name}", default)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sleepserve worker", description="Consolidate sessions parked in Redis (remote sleep jobs)."
+        prog="sleepserve worker",
+        description="Consolidate sessions parked in Redis (remote sleep jobs). Defaults come from the "
+        "server's SLEEPSERVE_* environment variables where it has one.",
+        formatter_class=DefaultsHelpFormatter,
     )
     add = parser.add_argument
     add("--checkpoint", default=_env("CHECKPOINT", str(DEFAULT_CHECKPOINT)), help="checkpoint folder")
-    add("--device", default=_env("DEVICE", "cpu"), help="torch device (default cpu)")
+    add("--device", default=_env("DEVICE", "cpu"), help="torch device")
     add(
         "--schedule",
         default=_env("SCHEDULE"),
         help="hard | lagged, as the server (default: the checkpoint's)",
     )
-    add("--store", default=_env("STORE"), help="redis://host:port/db (SLEEPSERVE_STORE)")
+    add("--store", default=_env("STORE"), help="redis://host:port/db (required; default: SLEEPSERVE_STORE)")
     add("--key-prefix", default="sleepserve:", help="the store's key prefix")
     add(
         "--session-ttl",
@@ -239,6 +243,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--max-deliveries", type=int, default=5, help="deliveries after which a job is dropped")
     add("--metrics-port", type=int, default=int(_env("PORT", "8000")), help="/metrics port (0: off)")
     add("--log-level", default=_env("LOG_LEVEL", "info"), help="debug | info | warning | error")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.store or not args.store.startswith(("redis://", "rediss://")):
         parser.error("--store (or SLEEPSERVE_STORE) must be a redis://host:port/db URL")
