@@ -36,11 +36,10 @@ system-deps:
 	@command -v kubectl >/dev/null || test -x $(VENV)/bin/kubectl || python3 scripts/get_kubectl.py $(VENV)/bin \
 		|| echo "kubectl is missing: the tests that render the Kubernetes manifests will be skipped"
 
-# One torch thread unless set: the shipped model's ops are too small to split (a decode step 0.85 ms
-# on one thread, 0.91 on two, on 2 cores: a throwaway timing), and then the server's threads share a
-# core (cpu_affinity).
+# The server picks its torch threads and sleep settings itself (server/settings.py: torch_threads,
+# sleep_worker, cpu_affinity), as the Docker image and the Kubernetes manifests run it.
 serve: install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/sleepserve serve --checkpoint $(CHECKPOINT)
+	$(VENV)/bin/sleepserve serve --checkpoint $(CHECKPOINT)
 
 test: $(DEV) system-deps
 	@start=$$(date +%s); status=0; \

@@ -230,7 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(_env("SESSION_TTL", str(7 * 24 * 3600))),
         help="idle TTL, s",
     )
-    add("--stream", default=DEFAULT_STREAM, help="job stream")
+    add(
+        "--stream",
+        default=_env("SLEEP_STREAM", DEFAULT_STREAM),
+        help="job stream, as the server's sleep_stream",
+    )
     add("--group", default=DEFAULT_GROUP, help="consumer group")
     add(
         "--consumer",
@@ -256,16 +260,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        model = load_checkpoint(args.checkpoint, args.device)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"sleepserve worker: {exc}", file=sys.stderr)
-        return 2
+def build_worker(args: argparse.Namespace) -> Worker:
+    """The worker of `parse_args`'s options; FileNotFoundError or ValueError where its checkpoint is
+    missing or cannot consolidate early."""
+    model = load_checkpoint(args.checkpoint, args.device)
     if args.schedule and args.schedule != model.config.schedule:
         model.config = model.config.replace(schedule=args.schedule)  # as the server does: same fingerprint
     client = redis.Redis.from_url(args.store, socket_connect_timeout=2.0, socket_timeout=10.0)
@@ -279,14 +277,22 @@ def main(argv: list[str] | None = None) -> int:
         max_deliveries=args.max_deliveries,
         pause_seconds=float(os.environ.get("SLEEPSERVE_WORKER_PAUSE_SECONDS", "0")),
     )
-    metrics = WorkerMetrics()
+    sessions = RedisSessions(client, args.session_ttl, args.key_prefix)
+    return Worker(model, client, sessions, options, WorkerMetrics())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
-        worker = Worker(
-            model, client, RedisSessions(client, args.session_ttl, args.key_prefix), options, metrics
-        )
-    except ValueError as exc:
+        worker = build_worker(args)
+    except (FileNotFoundError, ValueError) as exc:  # no checkpoint, or one that cannot consolidate early
         print(f"sleepserve worker: {exc}", file=sys.stderr)
         return 2
+    metrics = worker.metrics
+    assert metrics is not None
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=metrics.registry)
     stop = threading.Event()

@@ -11,7 +11,7 @@ import os
 import platform
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.metadata import version as package_version
 
 import torch
@@ -57,6 +57,12 @@ SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
         "interleaved, offload: share of the decode thread's time N is planned for",
     ),
     ("--sleeper-nice", "sleeper_nice", int, "nice value of the sleeper process, 0 to 19"),
+    (
+        "--torch-threads",
+        "torch_threads",
+        int,
+        "torch threads (default: OMP_NUM_THREADS where set, else 1)",
+    ),
     (
         "--cpu-affinity",
         "cpu_affinity",
@@ -132,6 +138,14 @@ def describe_invalid(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def torch_threads(settings: Settings, environ: Mapping[str, str]) -> int:
+    """The torch thread count to serve with (`Settings.torch_threads`)."""
+    if settings.torch_threads is not None:
+        return settings.torch_threads
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    return int(omp) if omp.isdigit() and int(omp) > 0 else 1
+
+
 def server_cpus(settings: Settings, allowed: set[int], torch_threads: int) -> set[int] | None:
     """The CPUs to run the server's threads on (`Settings.cpu_affinity`), None to leave them be."""
     if settings.cpu_affinity == "none":
@@ -169,6 +183,8 @@ def serve(argv: list[str]) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
+    torch.set_num_threads(torch_threads(settings, os.environ))  # before any thread starts
+    logging.getLogger("sleepserve").info("torch threads: %d", torch.get_num_threads())
     try:
         allowed = os.sched_getaffinity(0)
         cpus = server_cpus(settings, allowed, torch.get_num_threads())

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     # runs on the other cores; a sleeper thread or process needs cores of its own, and so do torch's
     # threads); "none": as the kernel places them; else CPU ids, comma-separated.
     cpu_affinity: str = "auto"
+    # torch's intra-op threads for the server's model. None: OMP_NUM_THREADS where it is set, else one
+    # (on CPU the shipped model's ops are too small to split: a decode step took 0.85 ms on one thread
+    # and 0.91 on two, and one thread lets `cpu_affinity` auto keep the server's threads on one core
+    # and offload sleep to the others; on a GPU the CPU only launches kernels, as vLLM's one thread
+    # per worker). A larger model on CPU may want more.
+    torch_threads: int | None = Field(None, ge=1)
     sleep_passes: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     # The idle trigger: consolidate a session's tail after this many idle seconds (None: off; needs a
     # checkpoint trained with variable chunk lengths), on this replica or ("remote") by `sleepserve

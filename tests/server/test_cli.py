@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from importlib.metadata import version
 
@@ -11,6 +12,7 @@ import model.evaluate
 import model.train
 import scheduler.worker
 from server import cli
+from server.app import create_app
 from server.cli import main, settings_from_args
 from server.context import build_server
 from server.settings import Settings
@@ -153,3 +155,25 @@ def test_auto_sleep_offloads_to_the_cpus_the_server_leaves_free(tiny_checkpoint)
         assert helper is not None and helper.cpus == {cpu}
     finally:
         offloaded.shutdown()
+
+
+@pytest.mark.parametrize(
+    "flags,environ,expected",
+    [
+        ([], {}, 1),  # the server's own choice, whatever the machine
+        (["--device", "cuda"], {}, 1),
+        ([], {"OMP_NUM_THREADS": "3"}, 3),
+        (["--torch-threads", "2"], {"OMP_NUM_THREADS": "3"}, 2),
+    ],
+)
+def test_the_server_picks_its_torch_threads(flags, environ, expected):
+    assert cli.torch_threads(settings_from_args(flags), environ) == expected
+
+
+async def test_the_memory_store_does_not_claim_to_save_sessions_at_exit(tiny_checkpoint, caplog):
+    app = create_app(Settings(checkpoint=tiny_checkpoint(), store="memory"))
+    with caplog.at_level(logging.INFO, logger="sleepserve"):
+        async with app.router.lifespan_context(app):
+            pass
+    assert "the in-memory sessions end with the process" in caplog.text
+    assert "sessions saved" not in caplog.text
