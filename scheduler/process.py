@@ -18,6 +18,7 @@ import platform
 import struct
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import torch
@@ -52,11 +53,12 @@ def _pass_views(shared: Tensor, config: ModelConfig, rows: int, tokens: int) -> 
 class ProcessSleeper:
     """Runs `model.sleep` in a child process with a copy of the weights (CPU only), at `nice` below the
     server's priority, or with `idle` only on time no other thread wants (SCHED_IDLE), on `cpus` (None:
-    where the server runs). One call at a time; a child that dies is restarted and the call retried
-    once. With `pass_rows`, it also runs single passes of up to that many chunks of up to a window's
-    capacity without the caller waiting for them (`send_pass`, then `pass_reply`), for the offloading
-    executor (which runs them itself from then on if the child fails): their tensors cross in shared
-    memory, and the pipe carries a few bytes (pickled, a pass's 100 kB took 0.1-0.25 ms a way)."""
+    where the server runs). One call at a time; a child that dies is restarted (`restart`: logged, and
+    `on_restart` called, for a metric) and the call retried once. With `pass_rows`, it also runs single
+    passes of up to that many chunks of up to a window's capacity without the caller waiting for them
+    (`send_pass`, then `pass_reply`), for the offloading executor (which restarts a child that died):
+    their tensors cross in shared memory, and the pipe carries a few bytes (pickled, a pass's 100 kB
+    took 0.1-0.25 ms a way)."""
 
     def __init__(
         self,
@@ -65,12 +67,13 @@ class ProcessSleeper:
         cpus: set[int] | None = None,
         idle: bool = False,
         pass_rows: int = 0,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
         if model.device.type != "cpu":
             raise ValueError("the process sleeper runs on CPU; on CUDA use the thread sleeper (own stream)")
         if not 0 <= nice <= 19:
             raise ValueError(f"nice must lie in [0, 19], got {nice}")
-        self.nice, self.cpus, self.idle = nice, cpus, idle
+        self.nice, self.cpus, self.idle, self.on_restart = nice, cpus, idle, on_restart
         self.config = model.config
         self._weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
         size = _pass_size(model.config, pass_rows, model.config.window_capacity)
@@ -98,14 +101,26 @@ class ProcessSleeper:
             try:
                 reply = self._ask(request)
             except (EOFError, OSError):
-                log.warning("the sleeper process died (exit code %s); restarting it", self._process.exitcode)
-                self._conn.close()
-                self._process.join(timeout=5)
-                self._start()
+                self.restart()
                 reply = self._ask(request)
         if isinstance(reply, BaseException):
             raise reply
         return [torch.from_numpy(array) for array in reply]
+
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def restart(self) -> None:
+        """Replace the child, which died or cannot be reached, with a fresh one (a pass it had is lost)."""
+        log.warning("the sleeper process died (exit code %s); restarting it", self._process.exitcode)
+        self._conn.close()
+        self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout=5)
+        self._start()
+        if self.on_restart is not None:
+            self.on_restart()
 
     def _ask(self, request: tuple) -> object:
         self._conn.send(request)
@@ -114,8 +129,8 @@ class ProcessSleeper:
     def send_pass(self, h: Tensor, fast: Memory, memory_only: bool) -> bool:
         """Start one pass (`HybridLM.pass_slices`'s arguments: h [B, T, d], the fast weights) in the child
         and return at once; False if it is larger than `pass_rows` chunks of a window's capacity. One
-        pass at a time: the next after `pass_reply` answered. Raises OSError where the child is gone (it
-        is not restarted)."""
+        pass at a time: the next after `pass_reply` answered. Raises OSError where the child is gone (the
+        caller restarts it)."""
         rows, tokens, _ = h.shape
         if _pass_size(self.config, rows, tokens) > self._shared.numel():
             return False
