@@ -16,10 +16,12 @@ import multiprocessing
 import os
 import platform
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -75,20 +77,24 @@ class ProcessSleeper:
             raise ValueError(f"nice must lie in [0, 19], got {nice}")
         self.nice, self.cpus, self.idle, self.on_restart = nice, cpus, idle, on_restart
         self.config = model.config
-        self._weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
         size = _pass_size(model.config, pass_rows, model.config.window_capacity)
         with torch.inference_mode(False):  # written in place from the decode thread's inference mode
             self._shared = torch.zeros(size).share_memory_()
+        # A child reads the weights from a file: handed through the pipe, they would make starting it
+        # wait until it has booted and read them (seconds), which a restart on the decode thread cannot
+        # afford; in shared memory, they would need a /dev/shm as large as the model.
+        self._folder = tempfile.TemporaryDirectory(prefix="sleepserve-sleeper-")
+        self._weights = Path(self._folder.name) / "weights.pt"
+        torch.save({name: t.detach() for name, t in model.state_dict().items()}, self._weights)
         self._lock = threading.Lock()
         self._start()
 
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")  # fork is unsafe in a process with threads
         self._conn, child = context.Pipe()
-        weights = {name: t.numpy() for name, t in self._weights.items()}
         self._process = context.Process(
             target=_serve_sleeps,
-            args=(child, self.config.to_dict(), weights, self._shared, self.nice, self.cpus, self.idle),
+            args=(child, self.config.to_dict(), self._weights, self._shared, self.nice, self.cpus, self.idle),
             name="sleepserve-sleeper",
             daemon=True,
         )
@@ -160,6 +166,7 @@ class ProcessSleeper:
         if self._process.is_alive():
             self._process.kill()
         self._conn.close()
+        self._folder.cleanup()
 
 
 # The kernel's shortest time slice (struct sched_attr's sched_runtime for SCHED_OTHER, Linux ≥ 6.12) and
@@ -190,7 +197,7 @@ def _background_priority(nice: int) -> None:
 def _serve_sleeps(
     conn: Connection,
     config: dict,
-    weights: dict,
+    weights: Path,
     shared: Tensor,
     nice: int,
     cpus: set[int] | None,
@@ -209,7 +216,7 @@ def _serve_sleeps(
         _background_priority(nice)
     model_config = ModelConfig.from_dict(config)
     model = HybridLM(model_config)
-    model.load_state_dict({name: torch.from_numpy(array) for name, array in weights.items()})
+    model.load_state_dict(torch.load(weights, weights_only=True))
     model.eval()
     while True:
         try:
