@@ -12,7 +12,8 @@ PY_FILES := $$(git ls-files '*.py' 2>/dev/null | grep . || echo .)
 # Runtime packages only (what `make serve` needs); torch first, the CPU build where no NVIDIA GPU is
 # (scripts/install_torch.py). pip shows what it fetches: a first install takes a minute or more.
 $(RUNTIME): pyproject.toml
-	@test -x $(PY) || { echo "creating the virtual environment $(VENV)"; python3 -m venv $(VENV); }
+	@test -x $(PY) || { echo "creating the virtual environment $(VENV)"; python3 -m venv $(VENV) \
+		|| { rm -rf $(VENV); echo "python3 -m venv failed: on Debian or Ubuntu, apt-get install python3-venv (make system-deps)"; exit 1; }; }
 	$(PY) -m pip install --upgrade pip
 	$(PY) scripts/install_torch.py
 	$(PY) -m pip install -e .
@@ -27,11 +28,13 @@ install: $(RUNTIME)
 
 install-dev: $(DEV)
 
-# Tests start a real redis-server on a free port (apt; needs root). kubectl renders the Kubernetes
+# python3-venv (Debian and Ubuntu ship venv without ensurepip); tests start a real redis-server on a
+# free port (apt; needs root). kubectl renders the Kubernetes
 # manifests in the deploy tests; stock Debian and Ubuntu have no package of it, so it is downloaded
 # from dl.k8s.io into the venv where it is not on PATH; where that fails, those tests are skipped
 # with the reason (CI requires them: SLEEPSERVE_REQUIRE_KUBECTL=1).
 system-deps:
+	@python3 -c "import ensurepip" 2>/dev/null || { apt-get update && apt-get install -y python3-venv; }
 	@command -v redis-server >/dev/null || { apt-get update && apt-get install -y redis-server; }
 	@command -v kubectl >/dev/null || test -x $(VENV)/bin/kubectl || python3 scripts/get_kubectl.py $(VENV)/bin \
 		|| echo "kubectl is missing: the tests that render the Kubernetes manifests will be skipped"
