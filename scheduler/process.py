@@ -118,12 +118,11 @@ class ProcessSleeper:
 
     def restart(self) -> None:
         """Replace the child, which died or cannot be reached, with a fresh one (a pass it had is lost)."""
+        if self._process.is_alive():  # unreachable: end it now, without waiting on the caller's thread
+            self._process.kill()
+        self._process.join(timeout=5)
         log.warning("the sleeper process died (exit code %s); restarting it", self._process.exitcode)
         self._conn.close()
-        self._process.join(timeout=5)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(timeout=5)
         self._start()
         if self.on_restart is not None:
             self.on_restart()

@@ -425,7 +425,7 @@ def offloading(model: HybridLM, helper_pass_seconds: float, **kw) -> OffloadExec
     executor = interleaved(model, isolation="offload", sleeper_cpus={min(os.sched_getaffinity(0))}, **kw)
     assert isinstance(executor, OffloadExecutor)
     executor._helper_costs = PassCosts(deviations=0.0)
-    for rows in (1, 8):
+    for rows in range(1, 9):  # every batch size: a first observation of one not seeded would replace it
         executor._helper_costs.seed(8, helper_pass_seconds, rows)
     return executor
 
