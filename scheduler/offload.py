@@ -34,6 +34,7 @@ class _HelperPass:
     rolling: RollingBatch
     sent: float
     alone_until: float
+    rows: int  # the batch's rows when it was sent (rows may leave before the helper answers)
     timed: bool = True
 
 
@@ -87,7 +88,8 @@ class OffloadExecutor(InterleavedExecutor):
             self._helper_failed(exc)
             return False
         sent = self.clock()
-        self._at_helper = _HelperPass(rolling, sent, self._alone_until(rolling, sent), timed=not self._fresh)
+        alone_until = self._alone_until(rolling, sent)
+        self._at_helper = _HelperPass(rolling, sent, alone_until, len(rolling.rows), timed=not self._fresh)
         self._fresh = False
         return True
 
@@ -129,7 +131,7 @@ class OffloadExecutor(InterleavedExecutor):
             return
         self._at_helper, self._restarts = None, 0
         if at.timed:
-            self._helper_costs.observe(rolling.tokens, 1, self.clock() - at.sent, len(rolling.rows))
+            self._helper_costs.observe(rolling.tokens, 1, self.clock() - at.sent, at.rows)
         if self._rolling is rolling:
             self._end_pass(rolling, *reply)
 

@@ -241,4 +241,5 @@ def _serve_sleeps(
                         m.copy_(out)
                     conn.send((rows, tokens, time.perf_counter() - start))
         except Exception as exc:  # the parent raises it in the job's future, or runs the pass itself
-            conn.send(exc)
+            with contextlib.suppress(OSError):  # the server is gone: the next recv ends this loop
+                conn.send(exc)

@@ -543,6 +543,33 @@ def test_offload_restarts_a_sleeper_that_dies(model: HybridLM, caplog) -> None:
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
+def test_offload_learns_the_helpers_pass_with_the_rows_it_was_sent(model: HybridLM) -> None:
+    """A pass the decode thread finished first ends its rows; the helper's reply, later, still teaches
+    the cost of a pass over the rows it was sent (not over none, which planned the next pass with a
+    division by zero)."""
+    executor = offloading(model, helper_pass_seconds=30.0)
+    try:
+        future = executor.submit(random_job(model, 97, passes=1))
+        executor.run_interleaved(busy=0.001)  # the pass goes to the sleeper
+        at = executor._at_helper
+        assert at is not None
+        at.timed = True  # as if the sleeper had answered a pass before
+        executor.wait([future], timeout=30)  # a waiter runs it too, and finishes first: no rows left
+        assert future.done() and not at.rolling.rows
+        end = time.monotonic() + 60
+        while executor._at_helper is not None:  # the sleeper's reply
+            executor.run_interleaved(busy=0.001)
+            time.sleep(0.01)
+            assert time.monotonic() < end, "the sleeper did not answer"
+        assert executor._helper_costs.pass_seconds(8, rows=1, margin=False) < 30.0  # learnt for 1 row
+        later = executor.submit(random_job(model, 98, passes=1))
+        executor.run_interleaved(busy=0.001)  # plans the next pass from what it learnt
+        executor.wait([later], timeout=30)
+        assert later.result(timeout=0).passes == 1
+    finally:
+        executor.shutdown()
+
+
 def test_offload_takes_a_pass_back_once_its_rows_cannot_wait(model: HybridLM) -> None:
     """However long the sleeper's passes may take, the decode thread takes a pass up once its rows
     could wait no longer without a pace at its most; a row due sooner (`reschedule`) brings that
