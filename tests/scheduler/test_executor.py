@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import platform
@@ -62,6 +63,25 @@ def busy_executor(model: HybridLM, max_batch: int) -> Iterator[tuple[SleepExecut
     finally:
         gated.release.set()
         executor.shutdown()
+
+
+@pytest.mark.parametrize("isolation, runs_as", [("interleaved", "thread"), ("offload", "process")])
+def test_a_model_looping_some_blocks_gets_whole_sleeps(model: HybridLM, isolation, runs_as) -> None:
+    """The rolling batch runs every block each pass: a model with sleep_blocks runs whole sleeps, whose
+    result loops only those blocks (and differs from looping all of them)."""
+    looped = copy.deepcopy(model)
+    looped.config = model.config.replace(sleep_blocks=(1, 2))
+    executor = create_executor(looped, isolation, policy=DepthPolicy(1, 4))
+    try:
+        assert executor.isolation == runs_as
+        job = random_job(looped, 5, passes=3)
+        result = executor.submit(job).result(timeout=60)
+    finally:
+        executor.shutdown()
+    every_block = direct(model, job, 3)
+    for got, want, unlooped in zip(result.memory, direct(looped, job, 3), every_block, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        assert not torch.allclose(got, unlooped, atol=1e-4)
 
 
 def test_results_equal_model_sleep_and_metrics_count(model: HybridLM) -> None:
