@@ -33,6 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model.checkpoint import save_checkpoint
+from model.cli_help import DefaultsHelpFormatter
 from model.config import CONSTRUCTIONS, ModelConfig
 from model.hybrid import HybridLM
 from model.tasks import Example, make_task
@@ -324,27 +325,33 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
-def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sleepserve train",
         description=__doc__.split("\n\n")[0],
         epilog="A pretrained checkpoint: sleepserve train --init-from PATH --help",
+        formatter_class=DefaultsHelpFormatter,
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="reproduce")
+    preset = "(default: the preset's)"
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="reproduce", help="training recipe")
     parser.add_argument("--task", help="train on this one task (its default knobs) instead of the preset's")
-    parser.add_argument("--passes", type=int, help="sleep passes N")
-    parser.add_argument("--schedule", choices=["hard", "lagged"])
+    parser.add_argument("--passes", type=int, help=f"sleep passes N {preset}")
+    parser.add_argument("--schedule", choices=["hard", "lagged"], help=preset)
     parser.add_argument("--variable-chunks", action="store_true", help="chunk lengths drawn from [L/2, L]")
-    parser.add_argument("--lagged-construction", choices=CONSTRUCTIONS)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--eval-every", type=int)
-    parser.add_argument("--device", help="cpu, cuda, …")
+    parser.add_argument("--lagged-construction", choices=CONSTRUCTIONS, help=preset)
+    parser.add_argument("--steps", type=int, help=preset)
+    parser.add_argument("--batch-size", type=int, help=preset)
+    parser.add_argument("--lr", type=float, help=preset)
+    parser.add_argument("--seed", type=int, help=preset)
+    parser.add_argument("--eval-every", type=int, help=f"steps between evaluations {preset}")
+    parser.add_argument("--device", help=f"cpu, cuda, … {preset}")
     parser.add_argument("--out", type=Path, required=True, help="run folder: log, train state, checkpoint")
     parser.add_argument("--resume", action="store_true", help="continue from out/train_state.pt")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
+    args = build_parser().parse_args(argv)
     config = PRESETS[args.preset]
     changes = {
         name: getattr(args, name)

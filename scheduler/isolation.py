@@ -55,9 +55,11 @@ def create_executor(
     if isolation == "offload":
         return OffloadExecutor(model, share=share, sleeper_cpus=sleeper_cpus, **kw)
     if isolation == "process":
+        metrics = kw.get("metrics")
+        restarted = metrics.sleeper_restarts.inc if metrics is not None else None
         return WorkerExecutor(
             model,
-            lambda: ProcessSleeper(model, nice, sleeper_cpus),
+            lambda: ProcessSleeper(model, nice, sleeper_cpus, on_restart=restarted),
             workers=workers,
             isolation=isolation,
             **kw,

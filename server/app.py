@@ -64,7 +64,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await server.turns.idle.close()
         await server.store.close()
         gc.unfreeze()  # an app made and dropped in one process (tests) leaves nothing uncollectable
-        log.info("engine stopped, sessions saved")
+        if server.store.backend == "memory":  # nothing outlives the process
+            log.info("engine stopped; the in-memory sessions end with the process")
+        else:
+            log.info("engine stopped, sessions saved to the %s store", server.store.backend)
 
 
 def create_app(

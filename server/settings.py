@@ -79,6 +79,16 @@ class Settings(BaseSettings):
         "auto",
         description="CPUs of the server's own threads (event loop, decode loop): `auto` (one core on CPU with one torch thread and interleaved or offloaded sleep, the sleeper taking the others), `none`, or ids like `0,1`",
     )
+    # torch's intra-op threads for the server's model. None: OMP_NUM_THREADS where it is set, else one
+    # (on CPU the shipped model's ops are too small to split: a decode step took 0.85 ms on one thread
+    # and 0.91 on two, and one thread lets `cpu_affinity` auto keep the server's threads on one core
+    # and offload sleep to the others; on a GPU the CPU only launches kernels, as vLLM's one thread
+    # per worker). A larger model on CPU may want more.
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of the server's model; none: `OMP_NUM_THREADS` where set, else 1 (the shipped model's ops are too small to split; a larger model on CPU may want more)",
+    )
     sleep_passes: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None,
         description="sleep depth N: a number, or `auto` (per sleep in [`min_passes`, `max_passes`] from its slack); none: the checkpoint's",
