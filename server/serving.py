@@ -112,9 +112,11 @@ class Turn:
             await _release(self.ctx, checkout)
             return
         if self.messages is not None and final.prompt_complete:
-            checkout.history += self.messages
+            hashes, reply = list(self.messages), None
             if final.stats.completion_tokens:
-                checkout.history.append(reply_hash(final.reply))
+                hashes.append(reply_hash(final.reply))
+                reply = final.reply  # a client whose stream dropped has only a prefix of it
+            checkout.history.add(hashes, self.ctx.sessions.history_limit, reply)
         try:
             await self.ctx.sessions.commit(checkout)
             if self.ctx.idle is not None:

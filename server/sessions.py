@@ -13,28 +13,26 @@ import hashlib
 import json
 import logging
 import math
-import re
 import secrets
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from model.hybrid import HybridLM
 from model.session import consolidate_all, new_state
-from model.state import SessionState, SessionStateError
+from model.state import SessionState, SessionStateError, StateSpec
 from model.tokenizer import ByteTokenizer
 from scheduler.redis_state import RECORD_MAGIC
-from server.errors import APIError, bad_request, session_not_found, state_refused
+from server.errors import APIError, bad_request, session_damaged, session_not_found, state_refused
 from server.metrics import Metrics
-from server.schemas import ChatMessage, HeadStats, LayerStats, SessionInfo
-from server.stores import SessionStore, StoredSession, StoreError, VersionConflict
+from server.schemas import SESSION_ID_MESSAGE, ChatMessage, HeadStats, LayerStats, SessionInfo, is_session_id
+from server.stores import DamagedRecord, SessionStore, StoredSession, StoreError, VersionConflict
 
 log = logging.getLogger("sleepserve.sessions")
 
 MAGIC = RECORD_MAGIC
-_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def new_session_id() -> str:
@@ -44,21 +42,66 @@ def new_session_id() -> str:
 
 def check_session_id(session_id: str) -> str:
     """A client-given id, lower-cased; 400 unless it is 32 hex characters."""
-    if not _ID.fullmatch(session_id.lower()):
-        raise bad_request("session_id must be 32 hexadecimal characters (a random 128-bit id)", "session_id")
+    if not is_session_id(session_id):
+        raise bad_request(SESSION_ID_MESSAGE, "session_id")
     return session_id.lower()
 
 
-def pack_record(blob: bytes, history: list[str]) -> bytes:
-    sidecar = json.dumps({"messages": history}, separators=(",", ":")).encode()
+@dataclass
+class ChatHistory:
+    """The chat messages a session consumed, as short hashes, within a fixed bound: the first one and
+    the last `keep`; those in between are only counted (`skipped`), so a re-sent history is checked at
+    both ends. `last_reply`: the text of the session's last reply, of which a client whose stream
+    dropped received only a prefix (the session consumed all of it)."""
+
+    recent: list[str] = field(default_factory=list)
+    first: str | None = None
+    skipped: int = 0
+    last_reply: str | None = None
+
+    def __len__(self) -> int:
+        return self.skipped + len(self.recent)
+
+    def add(self, hashes: list[str], keep: int, last_reply: str | None = None) -> None:
+        if self.first is None and hashes:
+            self.first = hashes[0]
+        self.recent += hashes
+        drop = max(0, len(self.recent) - keep)
+        self.skipped += drop
+        del self.recent[:drop]
+        self.last_reply = last_reply
+
+    def to_json(self) -> dict:
+        return {
+            "messages": self.recent,
+            "first": self.first,
+            "skipped": self.skipped,
+            "reply": self.last_reply,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> ChatHistory:
+        recent = list(data["messages"])
+        if not all(isinstance(h, str) for h in recent):
+            raise ValueError("message hashes must be strings")
+        first = data.get("first", recent[0] if recent else None)
+        return cls(recent, first, int(data.get("skipped", 0)), data.get("reply"))
+
+
+def pack_record(blob: bytes, history: ChatHistory) -> bytes:
+    sidecar = json.dumps(history.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
     return MAGIC + struct.pack("<I", len(sidecar)) + sidecar + blob
 
 
-def unpack_record(record: bytes) -> tuple[bytes, list[str]]:
-    if not record.startswith(MAGIC):
+def unpack_record(record: bytes) -> tuple[bytes, ChatHistory]:
+    """The state blob and chat history of a store record (SessionStateError "format" when damaged)."""
+    if not record.startswith(MAGIC) or len(record) < 8:
         raise SessionStateError("format", "stored session record is not a sleepserve record")
     (size,) = struct.unpack("<I", record[4:8])
-    return record[8 + size :], json.loads(record[8 : 8 + size])["messages"]
+    try:
+        return record[8 + size :], ChatHistory.from_json(json.loads(record[8 : 8 + size]))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SessionStateError("format", f"stored session record has a damaged sidecar: {exc}") from exc
 
 
 def message_hash(message: ChatMessage) -> str:
@@ -70,19 +113,30 @@ def reply_hash(text: str) -> str:
     return message_hash(ChatMessage(role="assistant", content=text))
 
 
-def new_chat_messages(messages: list[ChatMessage], history: list[str]) -> int:
+def new_chat_messages(messages: list[ChatMessage], history: ChatHistory) -> int:
     """Index of the first message the session has not consumed.
 
     Either the request re-sends the consumed history (and adds to it), or it holds only new messages.
-    A request that starts like the history but departs from it contradicts the session: 409.
+    A request that starts like the history but departs from it contradicts the session: 409. The
+    history's middle (`skipped`) is taken on trust; the session's last reply matches any prefix of
+    it (what a client whose stream dropped received).
     """
     hashes = [message_hash(m) for m in messages]
-    n = len(history)
-    if not history or hashes[0] != history[0]:
+    n, start = len(history), history.skipped
+    if not n or hashes[0] != history.first:
         return 0
-    if hashes[:n] == history and len(hashes) > n:
+
+    def same(i: int) -> bool:
+        if hashes[i] == history.recent[i - start]:
+            return True
+        reply = history.last_reply
+        last = i == n - 1 and messages[i].role == "assistant"
+        return last and reply is not None and reply.startswith(messages[i].text())
+
+    known = range(start, min(n, len(hashes)))
+    differ = next((i for i in known if not same(i)), None)
+    if differ is None and len(hashes) > n:
         return n
-    differ = next((i for i, (a, b) in enumerate(zip(hashes, history, strict=False)) if a != b), None)
     if differ is None:
         message = (
             f"messages re-send the {n} messages this session consumed but add no new one"
@@ -105,7 +159,7 @@ class Checkout:
     id: str
     holder: str
     state: SessionState
-    history: list[str]
+    history: ChatHistory
     version: int
     owner: str | None
     renewer: asyncio.Task | None = None  # keeps the lease alive while the request runs
@@ -152,33 +206,47 @@ class SessionManager:
         passes: int,
         lease_ttl: float,
         lease_wait: float,
+        history_limit: int = 1024,
+        signing_key: bytes | None = None,
     ) -> None:
+        """`history_limit`: chat message hashes a record keeps (`ChatHistory`); `signing_key`: sign
+        exported blobs and refuse imports without a valid signature."""
         self.store, self.model, self.fingerprint = store, model, fingerprint
         self.metrics, self.passes = metrics, passes
         self.lease_ttl, self.lease_wait = lease_ttl, lease_wait
+        self.history_limit, self.signing_key = history_limit, signing_key
+        self.spec = StateSpec.of(model)
         self.tokenizer = ByteTokenizer()
         self.replica = secrets.token_hex(4)
 
     # -- records ------------------------------------------------------------------------------------
 
-    def encode(self, state: SessionState, history: list[str]) -> bytes:
+    def encode(self, state: SessionState, history: ChatHistory) -> bytes:
         return pack_record(state.to_bytes(self.fingerprint, self.model.config.window_capacity), history)
 
-    def decode(self, record: bytes) -> tuple[SessionState, list[str]]:
+    def decode(self, session_id: str, record: bytes) -> tuple[SessionState, ChatHistory]:
+        """A stored record's state and history; 409 `session_damaged` when it cannot be used."""
         try:
             blob, history = unpack_record(record)
-            return SessionState.from_bytes(blob, self.fingerprint, self.model.config.schedule), history
+            return SessionState.from_bytes(blob, self.fingerprint, spec=self.spec), history
         except SessionStateError as exc:
-            raise state_refused(exc) from exc
+            if exc.reason in ("fingerprint", "schedule", "version"):
+                raise state_refused(exc) from exc
+            raise session_damaged(session_id, str(exc)) from exc
 
     async def _get(self, session_id: str, owner: str | None) -> StoredSession:
-        stored = await self.store.get(session_id)
+        try:
+            stored = await self.store.get(session_id)
+        except DamagedRecord as exc:
+            if owner is not None and exc.owner not in (owner, None):  # an unreadable owner: deletable
+                raise session_not_found(session_id) from exc
+            raise session_damaged(session_id, str(exc)) from exc
         if stored is None or (owner is not None and stored.owner != owner):
             raise session_not_found(session_id)  # another key's session does not exist for this one
         return stored
 
     async def _create(
-        self, session_id: str, state: SessionState, history: list[str], owner: str | None
+        self, session_id: str, state: SessionState, history: ChatHistory, owner: str | None
     ) -> None:
         try:
             await self.store.put(session_id, self.encode(state, history), None, owner)
@@ -191,12 +259,14 @@ class SessionManager:
 
     async def create(self, owner: str | None, session_id: str | None = None) -> str:
         session_id = check_session_id(session_id) if session_id else new_session_id()
-        await self._create(session_id, new_state(self.model), [], owner)
+        await self._create(session_id, new_state(self.model), ChatHistory(), owner)
         return session_id
 
-    async def read(self, session_id: str, owner: str | None) -> tuple[StoredSession, SessionState, list[str]]:
+    async def read(
+        self, session_id: str, owner: str | None
+    ) -> tuple[StoredSession, SessionState, ChatHistory]:
         stored = await self._get(session_id, owner)
-        return (stored, *self.decode(stored.blob))
+        return (stored, *self.decode(session_id, stored.blob))
 
     async def checkout(self, session_id: str, owner: str | None) -> Checkout:
         """Lease the session (waiting up to `lease_wait` while another request has it: else 409) and
@@ -256,7 +326,12 @@ class SessionManager:
             await self.store.release_lease(checkout.id, checkout.holder)
 
     async def delete(self, session_id: str, owner: str | None) -> None:
-        await self._get(session_id, owner)
+        """Delete the session, damaged or not: its blob is never parsed."""
+        try:
+            await self._get(session_id, owner)
+        except APIError as exc:
+            if exc.code != "session_damaged":  # damaged: its owner was checked, it may go
+                raise
         await self.store.delete(session_id)
 
     async def fork(self, session_id: str, owner: str | None) -> str:
@@ -266,17 +341,20 @@ class SessionManager:
         return fork_id
 
     async def export(self, session_id: str, owner: str | None) -> bytes:
-        stored = await self._get(session_id, owner)
-        self.decode(stored.blob)  # refuse to export a record this model cannot use
-        return unpack_record(stored.blob)[0]
+        """The session's state blob, signed when the server has a signing key."""
+        _, state, _ = await self.read(session_id, owner)  # refuses a record this model cannot use
+        return state.to_bytes(self.fingerprint, self.model.config.window_capacity, self.signing_key)
 
     async def import_blob(self, blob: bytes, owner: str | None) -> str:
+        """Store a blob under a new id once it has passed every check (nothing is stored before)."""
         try:
-            state = SessionState.from_bytes(blob, self.fingerprint, self.model.config.schedule)
+            state = SessionState.from_bytes(
+                blob, self.fingerprint, spec=self.spec, signing_key=self.signing_key
+            )
         except SessionStateError as exc:
             raise state_refused(exc) from exc
         session_id = new_session_id()
-        await self._create(session_id, state, [], owner)
+        await self._create(session_id, state, ChatHistory(), owner)
         return session_id
 
     async def consolidate(
@@ -314,7 +392,7 @@ class SessionManager:
         with torch.inference_mode():
             return consolidate_all(self.model, state, passes)
 
-    def info(self, session_id: str, version: int, state: SessionState, history: list[str]) -> SessionInfo:
+    def info(self, session_id: str, version: int, state: SessionState, history: ChatHistory) -> SessionInfo:
         capacity = self.model.config.window_capacity
         return SessionInfo(
             id=session_id,
