@@ -667,7 +667,7 @@ class Engine:
             # Prompt tokens still to feed fill the room a piece per step, far faster than decoding:
             # only the rest of it is decoded (a deadline at the decode rate for all of it came long
             # after the session got there, and its sleep was paced too slowly).
-            decoded = max(0, room_in_chunk(model, state) - len(seq.to_feed))
+            decoded = max(0, room_in_chunk(model, state) - seq.to_feed)
             deadline = sleep_deadline(model.config.schedule, now, decoded, self._rate.rate)
             tail, memory = state.tail[:n_tokens], list(state.memory)
             # lagged: due at the next boundary, tokens away (_consolidate knows when it comes)
