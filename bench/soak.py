@@ -272,7 +272,8 @@ class Soak:
         (`unanswered`), and a session is inconsistent only if its stored turns are not between those
         answered 200 and those plus its cut ones, or, with as many as answered, its tokens differ
         from what the last answer said."""
-        lost, inconsistent, stored, unanswered = [], [], 0, 0
+        lost, inconsistent, stored = [], [], 0
+        unanswered: Counter[str] = Counter()  # by the restart that cut them
         async with httpx.AsyncClient(base_url=self.server.url, timeout=60) as client:
             for session, turns in self.sessions.items():
                 response = await client.get(f"/v1/sessions/{session}")
@@ -281,12 +282,14 @@ class Soak:
                     continue
                 info = response.json()
                 ok = [t for t in turns if t.ok]
-                cut = sum(not t.ok and any(o.covers(t) for o in self.outages) for t in turns)
+                cut = {o.what for t in turns if not t.ok for o in self.outages if o.covers(t)}
+                cut_turns = sum(not t.ok and any(o.covers(t) for o in self.outages) for t in turns)
                 kept = info["version"] - 1
                 stored += kept
-                unanswered += max(0, kept - len(ok))
+                if kept > len(ok):
+                    unanswered[" or ".join(sorted(cut)) or "no restart"] += kept - len(ok)
                 tokens = ok[-1].session_tokens if ok else 0
-                if not len(ok) <= kept <= len(ok) + cut or (
+                if not len(ok) <= kept <= len(ok) + cut_turns or (
                     kept == len(ok) and info["tokens_seen"] != tokens
                 ):
                     inconsistent.append(session)

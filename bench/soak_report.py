@@ -48,7 +48,9 @@ def minutes(soak: Soak) -> list[dict[str, Any]]:
     return rows
 
 
-def floors(report: dict[str, Any], inconsistent: int, unanswered: int) -> dict[str, dict[str, Any]]:
+def floors(report: dict[str, Any], inconsistent: int, unanswered: Counter[str]) -> dict[str, dict[str, Any]]:
+    """Whether each floor holds, and its value. `unanswered`: turns stored whose answer never came, by
+    the restart that cut them."""
     rows = report["minutes"]
     failed = sum(
         n for row in rows for kind, n in row["errors"].items() if not kind.startswith("restart_window/")
@@ -65,8 +67,8 @@ def floors(report: dict[str, Any], inconsistent: int, unanswered: int) -> dict[s
             and inconsistent == 0
             and report["turns_stored"] == report["turns_ok"],
             "value": f"{report['sessions_lost']} lost, {inconsistent} inconsistent, "
-            f"{report['turns_stored']} turns stored of {report['turns_ok']} answered 200 ({unanswered} "
-            "stored by requests cut in a restart window, whose answer never came)",
+            f"{report['turns_stored']} turns stored of {report['turns_ok']} answered 200 ({sum(unanswered.values())} "
+            f"stored by requests cut in a restart window, whose answer never came: {dict(unanswered)})",
         },
         "rss_growth_under_5pct": {"holds": rss_growth < 0.05, "value": rss_growth},
         "last_minute_p99_itl_within_1_2x": {"holds": itl_ratio <= 1.2, "value": itl_ratio},
