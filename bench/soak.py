@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out.with_suffix(".png"))
+    restarts = {"server": SERVER_KILL_AT * work.minutes, "redis": REDIS_RESTART_AT * work.minutes}
+    plot(report, args.out.with_suffix(".png"), restarts)
     for row in report["minutes"]:
         print(json.dumps(row))
     for name, floor in floors(report, len(checked["inconsistent"]), checked["unanswered"]).items():

@@ -79,14 +79,17 @@ def floors(report: dict[str, Any], inconsistent: int, unanswered: Counter[str]) 
     }
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path, restarts: dict[str, float]) -> None:
+    """Per minute: ITL and TTFT p50/p99, the server's RSS, deadline misses per 1000 sleeps; each
+    restart (`restarts`: what -> the minute it came, fractional) marked on every panel. A minute's
+    point sits at its middle."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["minutes"]
-    x = [row["minute"] for row in rows]
+    x = [row["minute"] + 0.5 for row in rows]
     fig, axes = plt.subplots(4, 1, figsize=(8, 10), sharex=True)
     axes[0].plot(x, [r["itl_p50_ms"] for r in rows], "o-", label="ITL p50")
     axes[0].plot(x, [r["itl_p99_ms"] for r in rows], "o-", label="ITL p99")
@@ -96,11 +99,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes[1].set_ylabel("ms")
     axes[2].plot(x, [r["rss_bytes"] / 2**20 for r in rows], "o-", label="server RSS")
     axes[2].set_ylabel("MiB")
-    axes[3].bar(x, [r["sleeps"] for r in rows], label="sleeps", alpha=0.4)
-    axes[3].bar(x, [r["deadline_misses"] for r in rows], label="deadline misses")
+    per_mille = [1e3 * r["deadline_misses"] / r["sleeps"] if r["sleeps"] else 0.0 for r in rows]
+    axes[3].bar(x, per_mille, width=0.6, label="deadline misses per 1000 sleeps (floor: 10)")
     axes[3].set_xlabel("minute")
     for ax in axes:
-        ax.legend(loc="upper left")
+        for (what, at), color in zip(restarts.items(), ("red", "purple"), strict=False):
+            ax.axvline(at, color=color, linestyle="--", alpha=0.6, label=f"{what} restart")
+        ax.legend(loc="upper left", fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(
         f"soak: {report['sessions']} sessions on Redis, kill -9 and Redis restart ({report['machine']})",
