@@ -85,6 +85,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings: excluded from the text, which ends before them
     stop_tokens: frozenset[int] = frozenset({EOS})
+    # Log-probabilities (of the model's own distribution, before temperature and top-k/p) of each
+    # generated token, with this many likeliest alternatives (None: none), and of the prompt's tokens
+    # (completions' echo).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -110,11 +115,38 @@ class TurnStats:
     session_tokens_total: int = 0
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token, its log-probability and the likeliest alternatives at its position, as (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """The log-probabilities of `tokens` [T] under logits [T, vocab] (row t predicts tokens[t]), each
+    with its `top` likeliest alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    values, ids = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
+    return [
+        TokenLogprob(token, logprob, tuple(zip(row_ids, row_values, strict=True)))
+        for token, logprob, row_ids, row_values in zip(
+            tokens, chosen, ids.tolist(), values.tolist(), strict=True
+        )
+    ]
+
+
 @dataclass
 class Output:
     """A piece of generated text; the last one of a request has `finish_reason` and `stats`."""
 
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens generated since the last
+    # The prompt's tokens (params.prompt_logprobs), in one output once the whole prompt is in; None for
+    # a first token that follows nothing (a new sequence).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     stats: TurnStats | None = None
     prompt_complete: bool = True  # False when the request ended before its whole prompt was fed
@@ -170,6 +202,8 @@ class Sequence:
     stats: TurnStats = field(default_factory=TurnStats)
     generator: torch.Generator | None = None
     decoder: StreamDecoder = field(default_factory=StreamDecoder)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # generated, not yet sent
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     last_token_at: float = 0.0
     # Background sleep (with an executor): the pending consolidation of the tail's first chunk, and
     # since when the sequence has been waiting at a boundary for it.
@@ -379,6 +413,8 @@ class Engine:
             logits, window = self.model.extend(torch.tensor(pieces, device=self.model.device), window)
             at_boundary = []
             for row, (seq, piece) in enumerate(zip(group, pieces, strict=True)):
+                if seq.request.params.prompt_logprobs is not None:
+                    self._score_prompt(seq, piece, logits[row])
                 seq.cache = window.select([row]) if len(group) > 1 else window
                 seq.to_feed = seq.to_feed[n:]
                 seq.stats.prompt_tokens += n
@@ -390,6 +426,16 @@ class Engine:
                 if not seq.to_feed and seq.blocked_since is None:
                     self._prompt_fed(seq)
         return self.prefill_chunk - budget
+
+    def _score_prompt(self, seq: Sequence, piece: list[int], logits: Tensor) -> None:
+        """The log-probabilities of a prompt piece: its first token after the logits that preceded it
+        (none for a new sequence's first token), the rest after the piece's own logits [n, vocab]."""
+        top = seq.request.params.prompt_logprobs
+        if seq.logits is None:
+            seq.prompt_logprobs.append(None)
+        else:
+            seq.prompt_logprobs += token_logprobs(seq.logits[None], piece[:1], top)
+        seq.prompt_logprobs += token_logprobs(logits[:-1], piece[1:], top)
 
     def _decode(self) -> int:
         """One token for every decoding sequence, as one batch; returns the number of sequences stepped."""
@@ -648,6 +694,8 @@ class Engine:
 
     def _prompt_fed(self, seq: Sequence) -> None:
         """The whole prompt is in: start replying (max_tokens 0: the request only fed its prompt)."""
+        if seq.request.params.prompt_logprobs is not None:
+            self._deliver(seq, Output("", prompt_logprobs=seq.prompt_logprobs))
         if seq.request.params.max_tokens == 0:
             self._finish(seq, "length")
         else:
@@ -663,6 +711,8 @@ class Engine:
         else:
             self.metrics.time_to_first_token.observe(now - seq.request.arrival)
         seq.last_token_at = now
+        if params.logprobs is not None:
+            seq.logprobs += token_logprobs(seq.logits[None], [token], params.logprobs)
         seq.generated.append(token)
         seq.stats.completion_tokens += 1
         self.metrics.generation_tokens.inc()
@@ -699,8 +749,14 @@ class Engine:
         """Send the text not yet sent, holding back an end that may still become a stop string."""
         end = len(seq.text) if final else len(seq.text) - _stop_overlap(seq.text, seq.request.params.stop)
         if end > seq.sent:
-            self._deliver(seq, Output(seq.text[seq.sent : end]))
+            self._deliver(seq, Output(seq.text[seq.sent : end], self._take_logprobs(seq)))
             seq.sent = end
+
+    @staticmethod
+    def _take_logprobs(seq: Sequence) -> list[TokenLogprob]:
+        """The generated tokens' log-probabilities not yet sent: they go with the next text sent."""
+        taken, seq.logprobs = seq.logprobs, []
+        return taken
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.sleep is not None:  # the stored state does not need it: the next request sleeps anew
@@ -717,7 +773,14 @@ class Engine:
         seq.stats.session_tokens_total = seq.state.tokens_seen
         self.metrics.request_success.labels(finished_reason=reason).inc()
         self.metrics.e2e_request_latency.observe(time.monotonic() - seq.request.arrival)
-        final = Output("", reason, seq.stats, prompt_complete=not seq.to_feed, reply=seq.text)
+        final = Output(
+            "",
+            self._take_logprobs(seq),
+            finish_reason=reason,
+            stats=seq.stats,
+            prompt_complete=not seq.to_feed,
+            reply=seq.text,
+        )
         self._deliver(seq, final)
         self._outbox.append((seq.loop, _set_result, (seq.handle.result, final)))
 

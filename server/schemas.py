@@ -18,7 +18,7 @@ def _utf8(text: str) -> str:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI fields we do not use (user, logprobs=False, …) pass
+    model_config = ConfigDict(extra="allow")  # OpenAI fields we do not use (user, …) pass
 
 
 class StreamOptions(BaseModel):
@@ -58,11 +58,21 @@ class SamplingRequest(_Request):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] = Field(description="Text, a list of one text, or token ids.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, token ids, or a list of one of either."
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=5,
+        description="Log-probabilities of each token with this many likeliest alternatives (as OpenAI, "
+        "at most 5).",
+    )
+    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs).")
 
     @field_validator("prompt")
     @classmethod
-    def _text(cls, value: str | list[str] | list[int]) -> str | list[str] | list[int]:
+    def _text(cls, value: str | list) -> str | list:
         for item in [value] if isinstance(value, str) else value:
             if isinstance(item, str):
                 _utf8(item)
@@ -98,6 +108,13 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="With logprobs: this many likeliest alternatives per token (at most 20).",
+    )
 
 
 class Usage(BaseModel):
@@ -118,10 +135,19 @@ def _now() -> int:
     return int(time.time())
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="None for a first token that follows nothing.")
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="The likeliest alternatives and the token itself, by token text."
+    )
+    text_offset: list[int] = Field(description="Where each token starts in the choice's text.")
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -135,6 +161,20 @@ class CompletionResponse(BaseModel):
     session_id: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="The token text's UTF-8 bytes.")
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -143,7 +183,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -165,7 +205,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
