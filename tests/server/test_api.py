@@ -5,37 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-from contextlib import AsyncExitStack
 
 import httpx
 import pytest
 from support import free_port
 
 from model.tokenizer import ByteTokenizer
-from server.app import create_app
 from server.sessions import unpack_record
-from server.settings import Settings
 
 MODEL = "tiny"
-
-
-@pytest.fixture
-async def serve(tiny_checkpoint, caplog):
-    """`await serve(**settings)` -> an httpx client of a started app (its `.app` attribute is the app)."""
-    caplog.set_level(logging.INFO)
-    async with AsyncExitStack() as stack:
-
-        async def start(checkpoint=None, **settings) -> httpx.AsyncClient:
-            settings = {"store": "memory", "model_name": MODEL, **settings}
-            app = create_app(Settings(checkpoint=checkpoint or tiny_checkpoint(), **settings))
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-            client.app = app
-            return await stack.enter_async_context(client)
-
-        yield start
-    assert "unhandled error" not in caplog.text  # no input reached the catch-all handler
 
 
 def completion(prompt="Hello", **extra) -> dict:

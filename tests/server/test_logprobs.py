@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_api import assert_error, chat, completion, serve, sse_events  # noqa: F401 (serve: a fixture)
+from test_api import assert_error, chat, completion, sse_events
 
 from model.session import feed, new_state, open_window
 from model.tokenizer import ByteTokenizer
@@ -37,7 +37,7 @@ async def test_echo_scores_the_prompt(serve):
     expected = reference_logprobs(client.app.state.server.model, tokens)
     assert torch.allclose(torch.tensor(logprobs["token_logprobs"][1:]), expected, atol=1e-4)
     for token, logprob, top in zip(
-        logprobs["tokens"][1:], logprobs["token_logprobs"][1:], logprobs["top_logprobs"][1:]
+        logprobs["tokens"][1:], logprobs["token_logprobs"][1:], logprobs["top_logprobs"][1:], strict=True
     ):
         assert top[token] == logprob and len(top) in (2, 3)  # the 2 likeliest and the token itself
         assert max(top.values()) >= logprob
@@ -54,7 +54,9 @@ async def test_generated_logprobs_match_the_prompts(serve):
     choice = generated["choices"][0]
     logprobs, n = choice["logprobs"], generated["usage"]["completion_tokens"]
     assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == n
-    for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
+    for token, logprob, top in zip(
+        logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True
+    ):
         assert top[token] == logprob == max(top.values())  # temperature 0
     assert logprobs["text_offset"][0] == 0  # offsets into the choice's text
 
