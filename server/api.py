@@ -10,6 +10,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -93,7 +94,7 @@ async def list_models(server: ServerDep) -> ModelList:
     c = server.model.config
     card = ModelCard(
         id=server.model_name,
-        created=int(server.settings.checkpoint.stat().st_mtime) if server.settings.checkpoint.exists() else 0,
+        created=int(folder.stat().st_mtime) if (folder := Path(server.settings.model_path)).exists() else 0,
         max_model_len=server.settings.max_tokens,
         window=c.window,
         schedule=c.schedule,

@@ -25,7 +25,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     c = server.model.config
     log.info(
         "checkpoint %s (fingerprint %s…): %d layers %s, d_model %d, window %d, vocab %d, variable_chunks %s",
-        server.settings.checkpoint,
+        server.settings.model_path,
         server.fingerprint[:12],
         len(c.layers),
         "/".join(c.layers),

@@ -34,8 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
     ("--host", "host", str, "bind address (default 0.0.0.0)"),
     ("--port", "port", int, "port (default 8000)"),
-    ("--checkpoint", "checkpoint", str, "checkpoint folder (model.safetensors + config.json)"),
-    ("--model-name", "model_name", str, "served model id (default: the checkpoint folder's name)"),
+    ("--model", "model", str, "checkpoint folder or Hugging Face hub id (default: the shipped demo)"),
+    ("--checkpoint", "checkpoint", str, "a native checkpoint folder (the older name of --model)"),
+    ("--served-model-name", "served_model_name", str, "model id clients send (default: the folder's name)"),
+    ("--dtype", "dtype", str, "weights' dtype: float32 (default on CPU) | bfloat16 | float16"),
     ("--device", "device", str, "torch device (default cpu)"),
     ("--store", "store", str, "session store: memory | redis://host:port/db"),
     ("--schedule", "schedule", str, "hard | lagged (default: the checkpoint's)"),

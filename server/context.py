@@ -50,10 +50,10 @@ class Server:
 def load_model(settings: Settings) -> HybridLM:
     """The checkpoint of `settings`, served with the schedule asked for (default: its own)."""
     try:
-        model = load_checkpoint(settings.checkpoint, settings.device)
+        model = load_checkpoint(settings.model_path, settings.device)
     except FileNotFoundError as exc:
         raise CheckpointError(
-            f"cannot load checkpoint {settings.checkpoint}: {exc}. Train one (`sleepserve train`) or point "
+            f"cannot load checkpoint {settings.model_path}: {exc}. Train one (`sleepserve train`) or point "
             f"SLEEPSERVE_CHECKPOINT / --checkpoint at a folder with model.safetensors and config.json."
         ) from exc
     schedule = settings.schedule or model.config.schedule

@@ -17,8 +17,14 @@ class Settings(BaseSettings):
 
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
-    checkpoint: Path = DEFAULT_CHECKPOINT
-    model_name: str | None = None  # the served model id; default: the checkpoint folder's name
+    # What to serve: a checkpoint folder (a native `sleepy` one, or a Hugging Face one with config.json,
+    # safetensors and its tokenizer) or a Hugging Face hub id; default: the shipped demo checkpoint.
+    # `checkpoint` is the older name of the same setting.
+    model: str | None = None
+    checkpoint: Path | None = None
+    served_model_name: str | None = None  # the model id clients send; default: the folder's (id's) name
+    # Weights' dtype (None: float32 on CPU); the GDN state stays float32 whatever this is.
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     device: str = "cpu"
     store: str = "memory"  # "memory" | "redis://host:port/db"
     schedule: Literal["hard", "lagged"] | None = None  # None: the checkpoint's own
@@ -93,6 +99,14 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _check_model(self) -> Settings:
+        if self.model is not None and self.checkpoint is not None and self.model != str(self.checkpoint):
+            raise ValueError(f"model ({self.model}) and checkpoint ({self.checkpoint}) name different models")
+        if self.served_model_name is None:
+            self.served_model_name = Path(self.model_path).name
+        return self
+
+    @model_validator(mode="after")
     def _check_passes(self) -> Settings:
         if self.min_passes > self.max_passes:
             raise ValueError(f"min_passes ({self.min_passes}) exceeds max_passes ({self.max_passes})")
@@ -113,5 +127,6 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def served_model_name(self) -> str:
-        return self.model_name or Path(self.checkpoint).name
+    def model_path(self) -> str:
+        """The folder or hub id to load."""
+        return self.model or str(self.checkpoint or DEFAULT_CHECKPOINT)

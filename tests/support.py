@@ -183,7 +183,7 @@ class ServerProcess:
         env = {
             **os.environ,
             "SLEEPSERVE_STORE": store,
-            "SLEEPSERVE_MODEL_NAME": model_name,
+            "SLEEPSERVE_SERVED_MODEL_NAME": model_name,
             "SLEEPSERVE_SHUTDOWN_TIMEOUT": "0.5",
             "OMP_NUM_THREADS": "1",
         }

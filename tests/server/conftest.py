@@ -21,7 +21,7 @@ async def serve(tiny_checkpoint, caplog):
     async with AsyncExitStack() as stack:
 
         async def start(checkpoint=None, **settings) -> httpx.AsyncClient:
-            settings = {"store": "memory", "model_name": MODEL, **settings}
+            settings = {"store": "memory", "served_model_name": MODEL, **settings}
             app = create_app(Settings(checkpoint=checkpoint or tiny_checkpoint(), **settings))
             await stack.enter_async_context(app.router.lifespan_context(app))
             client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")

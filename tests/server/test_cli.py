@@ -20,6 +20,10 @@ def test_flags_override_the_environment(monkeypatch):
     assert settings.port == 9002 and settings.store == "redis://localhost:6379/0"
     assert settings.sleep_passes == 3 and settings.schedule == "hard" and settings.api_keys == ["a", "b"]
     assert settings_from_args(["--checkpoint", "/x/my-model"]).served_model_name == "my-model"
+    monkeypatch.setenv("SLEEPSERVE_MODEL", "Org/Some-Model")
+    settings = settings_from_args(["--served-model-name", "chat", "--dtype", "bfloat16"])
+    assert settings.model_path == "Org/Some-Model" and settings.served_model_name == "chat"
+    assert settings.dtype == "bfloat16"
 
 
 def test_missing_checkpoint_fails_clearly(monkeypatch, capsys, tmp_path):
@@ -30,6 +34,10 @@ def test_missing_checkpoint_fails_clearly(monkeypatch, capsys, tmp_path):
 
 
 def test_invalid_settings_and_commands(capsys):
+    assert main(["serve", "--model", "/x/a", "--checkpoint", "/x/b"]) == 2
+    assert "name different models" in capsys.readouterr().err
+    assert main(["serve", "--dtype", "int3"]) == 2
+    assert "dtype" in capsys.readouterr().err
     assert main(["serve", "--min-passes", "5", "--max-passes", "2"]) == 2
     assert "min_passes" in capsys.readouterr().err
     for worker in ("process", "offload"):
