@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from model.tokenizer import END_OF_MESSAGE, EOS, N_TOKENS
+from server.chat import ChatTurn, chat_turn, new_messages
 from server.context import Server
 from server.engine import SamplingParams
 from server.errors import APIError, bad_request
@@ -45,7 +46,7 @@ from server.schemas import (
     Usage,
 )
 from server.serving import Turn
-from server.sessions import Checkout, check_session_id, message_hash, new_chat_messages
+from server.sessions import Checkout, check_session_id
 from server.stores import StoreError
 
 if TYPE_CHECKING:
@@ -121,7 +122,6 @@ async def completions(
         server,
         body,
         body.max_tokens,
-        {EOS},
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None,
     )
@@ -154,13 +154,14 @@ async def chat_completions(
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = _sampling(server, body, max_tokens, {EOS, END_OF_MESSAGE}, logprobs=logprobs)
+    params = _sampling(server, body, max_tokens, logprobs=logprobs)
+    messages = [(m.template_role(), m.text()) for m in body.messages]
 
-    def build_prompt(checkout: Checkout | None) -> tuple[list[int], list[str] | None]:
-        start = new_chat_messages(body.messages, checkout.history) if checkout else 0
-        new = body.messages[start:]
-        tokens = server.tokenizer.encode_chat([(m.template_role(), m.text()) for m in new])
-        return tokens, [message_hash(m) for m in new]
+    def build_prompt(checkout: Checkout | None) -> tuple[list[int], ChatTurn | None]:
+        if checkout is None:
+            return server.tokenizer.encode_chat(messages), None
+        new = messages[new_messages(messages, checkout.chat.messages) :]
+        return chat_turn(server.tokenizer, checkout.chat, new)
 
     turn = await Turn.start(
         server.turns,
@@ -168,7 +169,6 @@ async def chat_completions(
         owner=owner,
         build_prompt=build_prompt,
         params=params,
-        close_token=END_OF_MESSAGE,
         arrival=arrival,
     )
     return await _respond(turn, request, body, _ChatFormat(server, body))
@@ -178,7 +178,6 @@ def _sampling(
     server: Server,
     body: SamplingRequest,
     max_tokens: int | None,
-    stop_tokens: set[int],
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
 ) -> SamplingParams:
@@ -203,7 +202,7 @@ def _sampling(
         top_k=max(body.top_k, 0),
         seed=body.seed,
         stop=tuple(body.stop or ()),
-        stop_tokens=frozenset() if body.ignore_eos else frozenset(stop_tokens),
+        stop_tokens=frozenset() if body.ignore_eos else server.tokenizer.eos_ids,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
     )

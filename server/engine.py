@@ -97,10 +97,9 @@ class EngineRequest:
     state: SessionState  # updated in place
     prompt: list[int]  # the new tokens to feed (non-empty)
     params: SamplingParams
-    # Stateful requests feed their last token too (the reply joins the session), then `close_token`
-    # when the reply did not end with it (chat: <|end|>). Stateless ones stop at the last sample.
+    # Stateful requests feed their last token too (the reply joins the session); stateless ones stop at
+    # the last sample.
     stateful: bool = False
-    close_token: int | None = None
     arrival: float = field(default_factory=time.monotonic)
     timeout: float | None = None
 
@@ -151,6 +150,7 @@ class Output:
     stats: TurnStats | None = None
     prompt_complete: bool = True  # False when the request ended before its whole prompt was fed
     reply: str = ""  # the last output: the whole generated text
+    reply_tokens: list[int] = field(default_factory=list)  # the last output: the generated ids fed
 
 
 class RequestHandle:
@@ -194,7 +194,7 @@ class Sequence:
     cache: WindowCache | None = None
     logits: Tensor | None = None  # after the last fed token
     to_feed: list[int] = field(default_factory=list)  # prompt tokens not fed yet
-    pending: list[int] = field(default_factory=list)  # sampled (or closing) tokens not fed yet
+    pending: list[int] = field(default_factory=list)  # sampled tokens not fed yet
     generated: list[int] = field(default_factory=list)
     text: str = ""  # generated text so far (cut before a stop string)
     sent: int = 0  # characters of `text` already emitted
@@ -727,8 +727,7 @@ class Engine:
         if not seq.request.stateful:
             self._finish(seq, reason)
             return
-        close = seq.request.close_token
-        seq.pending = [token] if close is None or token == close else [token, close]
+        seq.pending = [token]
 
     def _append_text(self, seq: Sequence, token: int) -> str | None:
         """Add the token's text; on a stop string cut the text before it and return "stop"."""
@@ -780,6 +779,7 @@ class Engine:
             stats=seq.stats,
             prompt_complete=not seq.to_feed,
             reply=seq.text,
+            reply_tokens=seq.generated[: len(seq.generated) - len(seq.pending)] if seq.request.stateful else [],
         )
         self._deliver(seq, final)
         self._outbox.append((seq.loop, _set_result, (seq.handle.result, final)))

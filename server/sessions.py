@@ -1,9 +1,10 @@
 """Sessions on top of a store: the model's state blob, the chat messages it consumed, owners and leases.
 
 A store record is `MAGIC | u32 length | JSON sidecar | state blob`. The state blob is exactly the model's
-fixed-size `SessionState` safetensors blob (what export returns and import takes); the sidecar lists
-short hashes of the chat messages the session consumed (its own replies included), so that a client
-re-sending the whole history is recognised and only its new messages are fed.
+fixed-size `SessionState` safetensors blob (what export returns and import takes); the sidecar is the
+session's `ChatHistory` (server/chat.py): the chat messages it consumed (its own replies included), so
+that a client re-sending the whole history is recognised and the chat template can render the whole
+conversation.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch
 from model.hybrid import HybridLM
 from model.session import consolidate_all, new_state
 from model.state import SessionState, SessionStateError
-from model.tokenizer import ByteTokenizer
 from scheduler.redis_state import RECORD_MAGIC
+from server.chat import ChatHistory
 from server.errors import APIError, bad_request, session_not_found, state_refused
 from server.metrics import Metrics
 from server.schemas import ChatMessage, HeadStats, LayerStats, SessionInfo
@@ -49,53 +50,16 @@ def check_session_id(session_id: str) -> str:
     return session_id.lower()
 
 
-def pack_record(blob: bytes, history: list[str]) -> bytes:
-    sidecar = json.dumps({"messages": history}, separators=(",", ":")).encode()
+def pack_record(blob: bytes, chat: ChatHistory) -> bytes:
+    sidecar = json.dumps(chat.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
     return MAGIC + struct.pack("<I", len(sidecar)) + sidecar + blob
 
 
-def unpack_record(record: bytes) -> tuple[bytes, list[str]]:
+def unpack_record(record: bytes) -> tuple[bytes, ChatHistory]:
     if not record.startswith(MAGIC):
         raise SessionStateError("format", "stored session record is not a sleepserve record")
     (size,) = struct.unpack("<I", record[4:8])
-    return record[8 + size :], json.loads(record[8 : 8 + size])["messages"]
-
-
-def message_hash(message: ChatMessage) -> str:
-    payload = json.dumps([message.template_role(), message.text()], ensure_ascii=False)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def reply_hash(text: str) -> str:
-    return message_hash(ChatMessage(role="assistant", content=text))
-
-
-def new_chat_messages(messages: list[ChatMessage], history: list[str]) -> int:
-    """Index of the first message the session has not consumed.
-
-    Either the request re-sends the consumed history (and adds to it), or it holds only new messages.
-    A request that starts like the history but departs from it contradicts the session: 409.
-    """
-    hashes = [message_hash(m) for m in messages]
-    n = len(history)
-    if not history or hashes[0] != history[0]:
-        return 0
-    if hashes[:n] == history and len(hashes) > n:
-        return n
-    differ = next((i for i, (a, b) in enumerate(zip(hashes, history, strict=False)) if a != b), None)
-    if differ is None:
-        message = (
-            f"messages re-send the {n} messages this session consumed but add no new one"
-            if len(hashes) == n
-            else f"messages re-send only {len(hashes)} of the {n} messages this session consumed"
-        )
-    else:
-        message = (
-            f"messages[{differ}] ({messages[differ].role}) differs from the message this session consumed at "
-            f"that position: the history contradicts the session (send only the new messages, or the history "
-            f"exactly as the session saw it, its replies included)"
-        )
-    raise APIError(409, message, param="messages", code="session_history_mismatch")
+    return record[8 + size :], ChatHistory.from_json(json.loads(record[8 : 8 + size]))
 
 
 @dataclass
@@ -105,7 +69,7 @@ class Checkout:
     id: str
     holder: str
     state: SessionState
-    history: list[str]
+    chat: ChatHistory
     version: int
     owner: str | None
     renewer: asyncio.Task | None = None  # keeps the lease alive while the request runs
@@ -156,18 +120,17 @@ class SessionManager:
         self.store, self.model, self.fingerprint = store, model, fingerprint
         self.metrics, self.passes = metrics, passes
         self.lease_ttl, self.lease_wait = lease_ttl, lease_wait
-        self.tokenizer = ByteTokenizer()
         self.replica = secrets.token_hex(4)
 
     # -- records ------------------------------------------------------------------------------------
 
-    def encode(self, state: SessionState, history: list[str]) -> bytes:
-        return pack_record(state.to_bytes(self.fingerprint, self.model.config.window_capacity), history)
+    def encode(self, state: SessionState, chat: ChatHistory) -> bytes:
+        return pack_record(state.to_bytes(self.fingerprint, self.model.config.window_capacity), chat)
 
-    def decode(self, record: bytes) -> tuple[SessionState, list[str]]:
+    def decode(self, record: bytes) -> tuple[SessionState, ChatHistory]:
         try:
-            blob, history = unpack_record(record)
-            return SessionState.from_bytes(blob, self.fingerprint, self.model.config.schedule), history
+            blob, chat = unpack_record(record)
+            return SessionState.from_bytes(blob, self.fingerprint, self.model.config.schedule), chat
         except SessionStateError as exc:
             raise state_refused(exc) from exc
 
@@ -178,10 +141,10 @@ class SessionManager:
         return stored
 
     async def _create(
-        self, session_id: str, state: SessionState, history: list[str], owner: str | None
+        self, session_id: str, state: SessionState, chat: ChatHistory, owner: str | None
     ) -> None:
         try:
-            await self.store.put(session_id, self.encode(state, history), None, owner)
+            await self.store.put(session_id, self.encode(state, chat), None, owner)
         except VersionConflict as exc:
             raise APIError(
                 409, f"session {session_id} already exists", param="session_id", code="session_exists"
@@ -191,10 +154,12 @@ class SessionManager:
 
     async def create(self, owner: str | None, session_id: str | None = None) -> str:
         session_id = check_session_id(session_id) if session_id else new_session_id()
-        await self._create(session_id, new_state(self.model), [], owner)
+        await self._create(session_id, new_state(self.model), ChatHistory(), owner)
         return session_id
 
-    async def read(self, session_id: str, owner: str | None) -> tuple[StoredSession, SessionState, list[str]]:
+    async def read(
+        self, session_id: str, owner: str | None
+    ) -> tuple[StoredSession, SessionState, ChatHistory]:
         stored = await self._get(session_id, owner)
         return (stored, *self.decode(stored.blob))
 
@@ -214,11 +179,11 @@ class SessionManager:
                 )
             await asyncio.sleep(0.05)
         try:
-            stored, state, history = await self.read(session_id, owner)
+            stored, state, chat = await self.read(session_id, owner)
         except BaseException:
             await self.store.release_lease(session_id, holder)
             raise
-        checkout = Checkout(session_id, holder, state, history, stored.version, owner)
+        checkout = Checkout(session_id, holder, state, chat, stored.version, owner)
         checkout.renewer = asyncio.create_task(self._renew(checkout))
         return checkout
 
@@ -238,7 +203,7 @@ class SessionManager:
         """Save the checked-out state (compare-and-set on its version) and release the lease."""
         try:
             checkout.version = await self.store.put(
-                checkout.id, self.encode(checkout.state, checkout.history), checkout.version
+                checkout.id, self.encode(checkout.state, checkout.chat), checkout.version
             )
         finally:
             await self.release(checkout)
@@ -255,9 +220,9 @@ class SessionManager:
         await self.store.delete(session_id)
 
     async def fork(self, session_id: str, owner: str | None) -> str:
-        _, state, history = await self.read(session_id, owner)
+        _, state, chat = await self.read(session_id, owner)
         fork_id = new_session_id()
-        await self._create(fork_id, state, history, owner)
+        await self._create(fork_id, state, chat, owner)
         return fork_id
 
     async def export(self, session_id: str, owner: str | None) -> bytes:
@@ -271,7 +236,7 @@ class SessionManager:
         except SessionStateError as exc:
             raise state_refused(exc) from exc
         session_id = new_session_id()
-        await self._create(session_id, state, [], owner)
+        await self._create(session_id, state, ChatHistory(), owner)
         return session_id
 
     async def consolidate(
@@ -309,7 +274,7 @@ class SessionManager:
         with torch.inference_mode():
             return consolidate_all(self.model, state, passes)
 
-    def info(self, session_id: str, version: int, state: SessionState, history: list[str]) -> SessionInfo:
+    def info(self, session_id: str, version: int, state: SessionState, chat: ChatHistory) -> SessionInfo:
         capacity = self.model.config.window_capacity
         return SessionInfo(
             id=session_id,
@@ -324,7 +289,7 @@ class SessionManager:
             tail_tokens=len(state.tail),
             window_capacity=capacity,
             window_fill=len(state.tail) / capacity,
-            chat_messages=len(history),
+            chat_messages=len(chat.messages),
             state_bytes=len(state.to_bytes(self.fingerprint, capacity)),
             fast_weights=fast_weight_stats(state),
         )
