@@ -13,20 +13,40 @@ SCHEDULES: tuple[str, ...] = ("hard", "lagged")
 LAYER_KINDS: tuple[str, ...] = ("attn", "gdn")
 Construction = Literal["re-prefill", "stale-kv"]
 CONSTRUCTIONS: tuple[str, ...] = ("re-prefill", "stale-kv")
+NORMS: tuple[str, ...] = ("plain", "zero-centred")
+MLPS: tuple[str, ...] = ("gelu", "swiglu")
+CONV_STATES: tuple[str, ...] = ("restart", "carry")
 
 
 @dataclass
 class ModelConfig:
+    family: str = "sleepy"  # which module of model/families maps its checkpoints (docs/models.md)
     vocab_size: int = 272  # 256 bytes + special tokens (see tokenizer.py), rounded up to a multiple of 16
     d_model: int = 64
     layers: list[str] = field(default_factory=lambda: ["attn", "gdn"])
-    n_heads: int = 4  # attention heads
+    n_heads: int = 4  # attention (query) heads
     head_dim: int = 16  # attention head size
-    gdn_heads: int = 2
+    kv_heads: int | None = None  # grouped-query attention: key/value heads (None: n_heads)
+    rotary_dim: int | None = None  # RoPE on the first rotary_dim dims of a head (None: all of them)
+    attn_output_gate: bool = False  # q_proj also gives a per-head gate: out(attn · sigmoid(gate))
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE
+    gdn_heads: int = 2  # value heads of the gdn layer: its memory is [gdn_heads, key_dim, value_dim]
+    gdn_key_heads: int | None = None  # q/k heads, each shared by gdn_heads // gdn_key_heads (None: all)
     gdn_key_dim: int = 32  # fast-weight memory per gdn head is gdn_key_dim × gdn_value_dim
     gdn_value_dim: int = 32
+    # q and k of the delta rule are L2-normalised: 0 divides by the norm (F.normalize); > 0 multiplies
+    # by rsqrt(sum of squares + eps), as transformers and fla do for Qwen3.5.
+    gdn_l2norm_eps: float = 0.0
     conv_size: int = 4  # short causal convolution on q, k, v of the gdn layer
+    # What the short convolution sees before a window's (or a sleep pass's) first token: "restart",
+    # nothing (zeros); "carry", the inputs before it, kept with the fast weights as part of the memory
+    # (docs/models.md).
+    gdn_conv_state: Literal["restart", "carry"] = "restart"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
     mlp_ratio: int = 4
+    mlp_hidden: int | None = None  # the MLP's hidden size (None: mlp_ratio × d_model)
+    norm: Literal["plain", "zero-centred"] = "plain"  # RMSNorm weight w, or (1 + w) with w from 0
+    tie_embeddings: bool = False  # the output head is the embedding matrix
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     window: int = 24  # L: tokens per chunk; attention sees 1 (hard) or 2 (lagged) chunks
@@ -46,6 +66,9 @@ class ModelConfig:
     lagged_construction: Construction = "re-prefill"
     # Trained with chunk lengths drawn from [window // 2, window]: the server may consolidate early.
     variable_chunks: bool = False
+    # Blocks [first, last) that loop N times in a sleep; the others run once, those before in the first
+    # pass and those after in the last (the paper looped the middle half of Jet-Nemotron's). None: all.
+    sleep_blocks: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -57,6 +80,22 @@ class ModelConfig:
             raise ValueError("window and sleep_passes must be positive")
         if self.lagged_construction not in CONSTRUCTIONS:
             raise ValueError(f"unknown lagged_construction {self.lagged_construction!r}")
+        for name, value, allowed in (
+            ("norm", self.norm, NORMS),
+            ("mlp", self.mlp, MLPS),
+            ("gdn_conv_state", self.gdn_conv_state, CONV_STATES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.n_heads % self.n_kv_heads or self.gdn_heads % self.n_gdn_key_heads:
+            raise ValueError("n_heads and gdn_heads must be multiples of kv_heads and gdn_key_heads")
+        if not 0 < self.rope_dim <= self.head_dim or self.rope_dim % 2:
+            raise ValueError(f"rotary_dim must be even and in (0, head_dim], got {self.rotary_dim}")
+        if self.sleep_blocks is not None:
+            self.sleep_blocks = tuple(self.sleep_blocks)  # JSON gives a list
+            first, last = self.sleep_blocks
+            if not 0 <= first < last <= len(self.layers):
+                raise ValueError(f"sleep_blocks must be [first, last) within the {len(self.layers)} blocks")
         if self.lagged_construction == "stale-kv" and (self.layers[0] != "attn" or "attn" in self.layers[1:]):
             raise ValueError(
                 "lagged_construction stale-kv needs the first block, and only it, to be attention"
@@ -80,6 +119,31 @@ class ModelConfig:
     @property
     def n_gdn(self) -> int:
         return self.layers.count("gdn")
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.n_heads
+
+    @property
+    def n_gdn_key_heads(self) -> int:
+        return self.gdn_key_heads or self.gdn_heads
+
+    @property
+    def rope_dim(self) -> int:
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def gdn_channels(self) -> int:
+        """Channels of a gdn layer's short convolution: q, k (key heads) and v (value heads)."""
+        return 2 * self.n_gdn_key_heads * self.gdn_key_dim + self.gdn_heads * self.gdn_value_dim
+
+    def memory_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of one session's memory tensors (all float32): the fast weights [H, K, V] of each gdn
+        layer, then, when the convolution state carries, its last inputs [conv_size - 1, channels]."""
+        shapes: list[tuple[int, ...]] = [(self.gdn_heads, self.gdn_key_dim, self.gdn_value_dim)] * self.n_gdn
+        if self.gdn_conv_state == "carry":
+            shapes += [(self.conv_size - 1, self.gdn_channels)] * self.n_gdn
+        return shapes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

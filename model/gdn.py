@@ -3,7 +3,12 @@
 As in fla's GatedDeltaNet: q, k, v get a short causal depthwise convolution (SiLU); q, k are
 L2-normalised; α = exp(g) with a Mamba2-style decay gate g = −exp(A_log)·softplus(a(x) + dt_bias);
 β = sigmoid(b(x)); the output passes an RMSNorm gated by SiLU(g_proj(x)). The fast weights enter and
-leave explicitly; the convolution restarts (zero history) at every window, like attention.
+leave explicitly, and so does the convolution's history (None: it restarts from zeros).
+
+Qwen3.5's layer is the same network under other names (model/families/qwen3_5.py), with value-head
+grouping: gdn_heads value heads share gdn_key_heads q/k heads, value head j reading key head
+j // (gdn_heads / gdn_key_heads). The delta rule and its state run in float32 whatever the weights'
+dtype: bf16 state is known to collapse Qwen3.5's outputs.
 """
 
 from __future__ import annotations
@@ -29,17 +34,18 @@ RECURRENT_TOKENS = 6
 class FastWeightCache:
     """A gdn layer's live state inside the window."""
 
-    fast: Tensor  # [B, H, K, V] memory plus this window's updates so far
-    conv: Tensor  # [B, conv_size - 1, channels] last inputs of the short convolution
+    fast: Tensor  # [B, H, K, V] memory plus this window's updates so far (float32)
+    conv: Tensor  # [B, conv_size - 1, channels] last inputs of the short convolution (float32)
 
 
 class GatedDeltaNet(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         H, K, V = config.gdn_heads, config.gdn_key_dim, config.gdn_value_dim
-        self.heads, self.key_dim, self.value_dim = H, K, V
+        self.heads, self.key_heads, self.key_dim, self.value_dim = H, config.n_gdn_key_heads, K, V
         self.chunk_size = config.gdn_chunk_size
-        self.channels = H * (2 * K + V)
+        self.l2norm_eps = config.gdn_l2norm_eps
+        self.channels = config.gdn_channels
         self.qkv = nn.Linear(config.d_model, self.channels, bias=False)
         self.conv = nn.Conv1d(
             self.channels, self.channels, config.conv_size, groups=self.channels, bias=False
@@ -55,7 +61,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
 
     def empty_conv(self, batch: int, like: Tensor) -> Tensor:
-        return like.new_zeros(batch, self.conv.kernel_size[0] - 1, self.channels)
+        return like.new_zeros(batch, self.conv.kernel_size[0] - 1, self.channels, dtype=torch.float32)
 
     def forward(self, x: Tensor, fast: Tensor, conv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, T, d]; fast: [B, H, K, V]; conv: [B, conv_size-1, channels] or None (window start).
@@ -70,33 +76,47 @@ class GatedDeltaNet(nn.Module):
     def project(
         self, x: Tensor, conv: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The delta rule's inputs from x [B, T, d]: q, k [B, T, H, K] (L2-normalised), v [B, T, H, V],
-        g (log α) and β [B, T, H], and the new convolution state."""
+        """The delta rule's inputs from x [B, T, d]: q, k [B, T, key heads, K] (L2-normalised), v
+        [B, T, H, V], g (log α, float32) and β [B, T, H], and the new convolution state (float32)."""
         B, T, _ = x.shape
-        H, K, V = self.heads, self.key_dim, self.value_dim
+        H, Hk, K, V = self.heads, self.key_heads, self.key_dim, self.value_dim
         if conv is None:
             conv = self.empty_conv(B, x)
-        mixed = torch.cat([conv, self.qkv(x)], dim=1)  # [B, W-1+T, channels]
+        mixed = torch.cat([conv.to(x.dtype), self.qkv(x)], dim=1)  # [B, W-1+T, channels]
         # Depthwise causal convolution as a sum over its few taps, in the projection's layout (no
         # transposes): much faster than conv1d's CPU backward, and the same numbers.
         taps = self.conv.weight[:, 0].t()  # [W, channels]
         qkv = mixed[:, :T] * taps[0]
         for i in range(1, len(taps)):
             qkv = qkv + mixed[:, i : i + T] * taps[i]
-        qk, v = F.silu(qkv).split([2 * H * K, H * V], dim=-1)  # [B, T, ...]
-        q, k = F.normalize(qk.view(B, T, 2, H, K), dim=-1).unbind(2)  # both in one go
-        g = -self.A_log.exp() * F.softplus(self.decay_proj(x) + self.dt_bias)  # [B, T, H] log α
+        qk, v = F.silu(qkv).split([2 * Hk * K, H * V], dim=-1)  # [B, T, ...]
+        qk = qk.view(B, T, 2, Hk, K)
+        if self.l2norm_eps:  # transformers' and fla's form, in float32
+            qk = qk.float() * torch.rsqrt(qk.float().pow(2).sum(-1, keepdim=True) + self.l2norm_eps)
+        else:
+            qk = F.normalize(qk, dim=-1)
+        q, k = qk.unbind(2)  # both in one go
+        # The decay in float32: in half precision exp(A_log) may overflow.
+        g = -self.A_log.float().exp() * F.softplus(
+            self.decay_proj(x).float() + self.dt_bias
+        )  # [B, T, H] log α
         beta = torch.sigmoid(self.beta_proj(x))  # [B, T, H]
-        return q, k, v.view(B, T, H, V), g, beta, mixed[:, T:]
+        return q, k, v.view(B, T, H, V), g, beta, mixed[:, T:].float()
 
     def delta_rule(
         self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, fast: Tensor
     ) -> tuple[Tensor, Tensor]:
         """The gated delta rule over `project`'s outputs from the fast weights [B, H, K, V]: its output o
-        [B, T, H, V] and the fast weights after the T tokens."""
+        [B, T, H, V] (in v's dtype) and the fast weights after the T tokens (float32)."""
+        if self.key_heads != self.heads:  # value-head grouping: each q/k head serves consecutive v heads
+            q, k = (x.repeat_interleave(self.heads // self.key_heads, dim=2) for x in (q, k))
+        dtype = v.dtype
+        q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
         if q.shape[1] <= RECURRENT_TOKENS:  # a few tokens: the recurrence is fewer ops than one chunk
-            return gated_delta_recurrent(q, k, v, g, beta, fast)
-        return gated_delta_chunk(q, k, v, g, beta, fast, self.chunk_size)
+            o, fast = gated_delta_recurrent(q, k, v, g, beta, fast)
+        else:
+            o, fast = gated_delta_chunk(q, k, v, g, beta, fast, self.chunk_size)
+        return o.to(dtype), fast
 
     def output(self, x: Tensor, o: Tensor) -> Tensor:
         """y [B, T, d] from the delta rule's output o [B, T, H, V]: normed, gated by SiLU(g_proj(x)) and

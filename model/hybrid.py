@@ -4,6 +4,9 @@ Three operations, each taking its state and returning the new one:
 - `forward(tokens, memory)`: one pass over a window that starts from consolidated memory (training);
 - `extend(tokens, cache)`: append tokens to a batch of windows at different fill levels (decode, prefill);
 - `sleep(memory, chunk, passes)`: Algorithm 1's consolidation, a pure function of its arguments.
+
+The memory is a list of float32 tensors (`ModelConfig.memory_shapes`): each gdn layer's fast weights
+and, when the convolution state carries (`gdn_conv_state`), then each one's convolution history.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from torch import Tensor, nn
 from model.attention import KVCache, WindowAttention, rotary
 from model.config import ModelConfig
 from model.gdn import FastWeightCache, GatedDeltaNet
+from model.layers import MLP, make_norm
 from model.slices import Slices, run_to_end
 
-Memory = list[Tensor]  # consolidated fast weights, one [B, H, K, V] tensor per gdn layer
+# Consolidated state: one [B, H, K, V] fast-weight tensor per gdn layer, then (conv state "carry") one
+# [B, conv_size - 1, channels] convolution history per gdn layer.
+Memory = list[Tensor]
 
 
 @dataclass
@@ -72,17 +78,6 @@ class WindowCache:
         return WindowCache(layers, self.lengths[index])
 
 
-class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        hidden = config.mlp_ratio * config.d_model
-        self.up = nn.Linear(config.d_model, hidden, bias=False)
-        self.down = nn.Linear(hidden, config.d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down(nn.functional.gelu(self.up(x)))
-
-
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)).
 
@@ -92,9 +87,9 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, kind: str) -> None:
         super().__init__()
         self.kind = kind
-        self.mixer_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mixer_norm = make_norm(config, config.d_model)
         self.mixer = WindowAttention(config) if kind == "attn" else GatedDeltaNet(config)
-        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp_norm = make_norm(config, config.d_model)
         self.mlp = MLP(config)
 
     def attend(self, h: Tensor, stale: int = 0) -> Tensor:
@@ -112,9 +107,15 @@ class HybridLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, kind) for kind in config.layers)
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = make_norm(config, config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        # Which entry of the memory each gdn block reads and writes.
+        self.gdn_index = {
+            i: j for j, i in enumerate(i for i, kind in enumerate(config.layers) if kind == "gdn")
+        }
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -125,29 +126,45 @@ class HybridLM(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
     # -- state -------------------------------------------------------------------------------------
 
     def empty_memory(self, batch: int = 1) -> Memory:
-        c = self.config
-        return [
-            torch.zeros(batch, c.gdn_heads, c.gdn_key_dim, c.gdn_value_dim, device=self.device)
-            for _ in range(c.n_gdn)
-        ]
+        return [torch.zeros(batch, *shape, device=self.device) for shape in self.config.memory_shapes()]
+
+    def split_memory(self, memory: Memory) -> tuple[list[Tensor], list[Tensor | None]]:
+        """The fast weights and the convolution histories (None where they restart) of each gdn layer."""
+        n = self.config.n_gdn
+        if self.config.gdn_conv_state == "carry":
+            return list(memory[:n]), list(memory[n:])
+        return list(memory), [None] * n
+
+    def join_memory(self, fast: list[Tensor], conv: list[Tensor | None]) -> Memory:
+        return fast + conv if self.config.gdn_conv_state == "carry" else fast  # type: ignore[operator]
+
+    def window_memory(self, cache: WindowCache) -> Memory:
+        """The memory the window's gdn layers have reached: what a plain hybrid (N = 1) carries on."""
+        layers = [c for c in cache.layers if isinstance(c, FastWeightCache)]
+        return self.join_memory([c.fast for c in layers], [c.conv for c in layers])
 
     def open_window(self, memory: Memory) -> WindowCache:
         """An empty window whose gdn layers start from `memory` (not modified). A model without gdn
         layers (the full-attention baseline) has no memory: its window is one session's whole context."""
         c, batch = self.config, memory[0].shape[0] if memory else 1
-        fast = iter(memory)
+        fast, conv = self.split_memory(memory)
         layers: list[KVCache | FastWeightCache] = []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if block.kind == "attn":
-                shape = (batch, c.n_heads, c.window_capacity, c.head_dim)
-                layers.append(
-                    KVCache(torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device))
-                )
+                shape = (batch, c.n_kv_heads, c.window_capacity, c.head_dim)
+                keys, values = (torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2))
+                layers.append(KVCache(keys, values))
             else:
-                layers.append(FastWeightCache(next(fast), block.mixer.empty_conv(batch, memory[0])))
+                j = self.gdn_index[i]
+                history = conv[j] if conv[j] is not None else block.mixer.empty_conv(batch, memory[0])
+                layers.append(FastWeightCache(fast[j], history))
         return WindowCache(layers, torch.zeros(batch, dtype=torch.long, device=self.device))
 
     # -- passes ------------------------------------------------------------------------------------
@@ -158,49 +175,67 @@ class HybridLM(nn.Module):
         values of the first block's attention and nothing else."""
         return run_to_end(self.pass_slices(h, fast, stale))
 
-    def pass_slice_count(self, memory_only: bool = False) -> int:
+    def pass_slice_count(self, memory_only: bool = False, blocks: range | None = None) -> int:
         """How many times `pass_slices` yields: between blocks, after each attention mixer and twice inside
         each gdn mixer; `memory_only`, up to the last gdn block's delta rule."""
-        kinds = [block.kind for block in self.blocks]
-        per_block = [(i > 0) + (1 if kind == "attn" else 2) for i, kind in enumerate(kinds)]
+        blocks = blocks if blocks is not None else range(len(self.blocks))
+        kinds = [self.blocks[i].kind for i in blocks]
+        per_block = [(n > 0) + (1 if kind == "attn" else 2) for n, kind in enumerate(kinds)]
         if not memory_only or "gdn" not in kinds:
             return sum(per_block)
         last_gdn = len(kinds) - 1 - kinds[::-1].index("gdn")
         return sum(per_block[:last_gdn]) + (last_gdn > 0) + 1  # and its yield after the gdn inputs
 
+    def sleep_plan(self, passes: int) -> list[tuple[range, bool]]:
+        """The blocks each of a sleep's passes runs, and whether it is memory-only (the last). With
+        `sleep_blocks` [a, b) only those loop: blocks before a run in the first pass, after b in the last."""
+        everything = range(len(self.blocks))
+        if self.config.sleep_blocks is None or passes == 1:
+            return [(everything, n == passes - 1) for n in range(passes)]
+        first, last = self.config.sleep_blocks
+        middle = [(range(first, last), False)] * (passes - 2)
+        return [(range(0, last), False), *middle, (range(first, len(self.blocks)), True)]
+
     def sleep_slice_count(self, passes: int) -> int:
         """How many times `sleep_slices` yields."""
-        return (passes - 1) * self.pass_slice_count() + self.pass_slice_count(memory_only=True)
+        return sum(
+            self.pass_slice_count(memory_only, blocks) for blocks, memory_only in self.sleep_plan(passes)
+        )
 
     def pass_slices(
-        self, h: Tensor, fast: Memory, stale: int = 0, memory_only: bool = False
+        self, h: Tensor, fast: Memory, stale: int = 0, memory_only: bool = False, blocks: range | None = None
     ) -> Slices[tuple[Tensor, Memory]]:
         """`run_blocks` a slice at a time: yields between blocks, after each attention mixer, and inside
         the gdn mixers after their inputs and after the delta rule (their output and the MLP after it
-        are one slice); returns (h, fast) with the last slice. Each pause costs the caller's work
+        are one slice); returns (h, memory) with the last slice. Each pause costs the caller's work
         between slices a few percent of the pass, so the slices are as few as keep each one short.
-        `memory_only`: only the fast weights are wanted (a sleep's last pass), so it returns at the last
-        gdn block's delta rule, leaving out what feeds nothing but h."""
-        last_gdn = max((i for i, b in enumerate(self.blocks) if b.kind == "gdn"), default=-1)
-        fast_in, fast_out = iter(fast), []
-        for i, block in enumerate(self.blocks):
-            if i:
+        `memory_only`: only the memory is wanted (a sleep's last pass), so it returns at the last
+        gdn block's delta rule, leaving out what feeds nothing but h. `blocks`: run only these (a sleep
+        that loops some of them); the memory of the others passes through."""
+        blocks = blocks if blocks is not None else range(len(self.blocks))
+        last_gdn = max((i for i in blocks if self.blocks[i].kind == "gdn"), default=-1)
+        weights, history = self.split_memory(fast)
+        carry = self.config.gdn_conv_state == "carry"
+        for i in blocks:
+            block = self.blocks[i]
+            if i != blocks[0]:
                 yield
             if block.kind == "attn":
                 h = block.attend(h, stale if i == 0 else 0)
                 yield
             else:
+                j = self.gdn_index[i]
                 x = block.mixer_norm(h)
-                q, k, v, g, beta, _ = block.mixer.project(x)
+                q, k, v, g, beta, conv = block.mixer.project(x, history[j])
                 yield
-                o, new_fast = block.mixer.delta_rule(q, k, v, g, beta, next(fast_in))
-                fast_out.append(new_fast)
+                o, weights[j] = block.mixer.delta_rule(q, k, v, g, beta, weights[j])
+                history[j] = conv if carry else None
                 if memory_only and i == last_gdn:
-                    return h, fast_out
+                    return h, self.join_memory(weights, history)
                 yield
                 h = h + block.mixer.output(x, o)
             h = block.feed_forward(h)
-        return h, fast_out
+        return h, self.join_memory(weights, history)
 
     def logits(self, h: Tensor) -> Tensor:
         return self.head(self.norm(h))
@@ -226,8 +261,8 @@ class HybridLM(nn.Module):
         """`sleep` a slice at a time (see `pass_slices`), for a caller that runs it between other
         work; returns the new memory (passes ≥ 1)."""
         h, fast = self.embed(chunk), memory
-        for n in range(passes):
-            h, fast = yield from self.pass_slices(h, fast, memory_only=n == passes - 1)
+        for blocks, memory_only in self.sleep_plan(passes):
+            h, fast = yield from self.pass_slices(h, fast, memory_only=memory_only, blocks=blocks)
         return fast
 
     def extend(self, tokens: Tensor, cache: WindowCache) -> tuple[Tensor, WindowCache]:
@@ -274,18 +309,20 @@ class HybridLM(nn.Module):
             index = torch.as_tensor(rows, dtype=torch.long, device=cache.lengths.device)
         offset = cache.lengths[index] - keep  # [R] where the kept tokens start
         source = offset[:, None] + torch.arange(keep, device=offset.device)  # [R, keep]
-        fast = iter(memory)
-        for layer in cache.layers:
+        fast, conv = self.split_memory(memory)
+        c = self.config
+        for i, layer in enumerate(cache.layers):
             if isinstance(layer, KVCache):
                 R, H, capacity, D = len(rows), *layer.keys.shape[1:]
                 at = source[:, None, :, None].expand(R, H, keep, D)
-                keys = rotary(layer.keys[index].gather(2, at), -offset[:, None], self.config.rope_base)
+                keys = rotary(layer.keys[index].gather(2, at), -offset[:, None], c.rope_base, c.rope_dim)
                 values = layer.values[index].gather(2, at)
                 layer.keys[index] = F.pad(keys, (0, 0, 0, capacity - keep))
                 layer.values[index] = F.pad(values, (0, 0, 0, capacity - keep))
             else:
-                layer.fast[index] = next(fast)
-                layer.conv[index] = 0.0
+                j = self.gdn_index[i]
+                layer.fast[index] = fast[j]
+                layer.conv[index] = conv[j] if conv[j] is not None else 0.0
         cache.lengths[index] = keep
 
     def _append(self, tokens: Tensor, cache: WindowCache, last_mlp: bool) -> tuple[Tensor, WindowCache]:

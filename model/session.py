@@ -121,7 +121,7 @@ def cross_boundary(
     if n_tokens and passes == 1 and cache is not None and model.config.schedule == "hard":
         # N = 1 is the plain hybrid: the wake pass over the chunk (from the memory, attention within
         # the chunk) is the whole sleep, so its fast weights are the new memory. Nothing to compute.
-        apply_sleep(state, [fast[0] for fast in cache.fast_weights()], n_tokens, 1, 0.0)
+        apply_sleep(state, [m[0] for m in model.window_memory(cache)], n_tokens, 1, 0.0)
         report = SleepReport(n_tokens, 1, 0.0)
     else:
         report = sleep_on(model, state, n_tokens, passes) if n_tokens else None
