@@ -31,6 +31,7 @@ from model.checkpoint import fingerprint
 from model.hybrid import HybridLM
 from model.session import feed, new_state, open_window
 from model.state import SessionState
+from server.chat import ChatHistory
 from server.sessions import pack_record, unpack_record
 from server.stores import SessionStore, open_store
 
@@ -46,7 +47,9 @@ async def _round_trips(
     saves, loads = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        version = await store.put(session_id, pack_record(state.to_bytes(fp, capacity), []), version)
+        version = await store.put(
+            session_id, pack_record(state.to_bytes(fp, capacity), ChatHistory()), version
+        )
         middle = time.perf_counter()
         stored = await store.get(session_id)
         blob, _ = unpack_record(stored.blob)

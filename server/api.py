@@ -17,7 +17,6 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from model.tokenizer import END_OF_MESSAGE, EOS, N_TOKENS
 from server.chat import ChatTurn, chat_turn, new_messages
 from server.context import Server
 from server.engine import SamplingParams
@@ -97,6 +96,7 @@ async def list_models(server: ServerDep) -> ModelList:
         id=server.model_name,
         created=int(folder.stat().st_mtime) if (folder := Path(server.settings.model_path)).exists() else 0,
         max_model_len=server.settings.max_tokens,
+        family=server.family,
         window=c.window,
         schedule=c.schedule,
         sleep_passes=server.passes,
@@ -217,8 +217,9 @@ def _completion_prompt(server: Server, prompt: str | list) -> tuple[list[int], s
     tokens = server.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not tokens:
         raise bad_request("prompt must not be empty", "prompt")
-    if any(not 0 <= t < N_TOKENS for t in tokens):
-        raise bad_request(f"prompt token ids must lie in [0, {N_TOKENS})", "prompt")
+    vocab = server.tokenizer.vocab_size
+    if any(not 0 <= t < vocab for t in tokens):
+        raise bad_request(f"prompt token ids must lie in [0, {vocab})", "prompt")
     return tokens, prompt if isinstance(prompt, str) else server.tokenizer.decode(tokens)
 
 

@@ -24,7 +24,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     server: Server = app.state.server
     c = server.model.config
     log.info(
-        "checkpoint %s (fingerprint %s…): %d layers %s, d_model %d, window %d, vocab %d, variable_chunks %s",
+        "%s checkpoint %s (fingerprint %s…): %d layers %s, d_model %d, window %d, vocab %d, variable_chunks %s",
+        server.family,
         server.settings.model_path,
         server.fingerprint[:12],
         len(c.layers),

@@ -93,7 +93,9 @@ def new_messages(messages: list[Message], history: list[Message]) -> int:
     raise APIError(409, message, param="messages", code="session_history_mismatch")
 
 
-def chat_turn(tokenizer: ChatTokenizer, history: ChatHistory, new: list[Message]) -> tuple[list[int], ChatTurn]:
+def chat_turn(
+    tokenizer: ChatTokenizer, history: ChatHistory, new: list[Message]
+) -> tuple[list[int], ChatTurn]:
     """The tokens a session with `history` feeds for the `new` messages, and the turn to record."""
     rendered = tokenizer.encode_chat([*history.messages, *new])
     consumed = history.tokens

@@ -40,7 +40,14 @@ SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
     ("--dtype", "dtype", str, "weights' dtype: float32 (default on CPU) | bfloat16 | float16"),
     ("--device", "device", str, "torch device (default cpu)"),
     ("--store", "store", str, "session store: memory | redis://host:port/db"),
+    ("--window", "window", int, "sleep window L in tokens (default: the checkpoint's or its family's)"),
     ("--schedule", "schedule", str, "hard | lagged (default: the checkpoint's)"),
+    (
+        "--sleep-blocks",
+        "sleep_blocks",
+        str,
+        "FIRST:LAST: the blocks [FIRST, LAST) that loop in a sleep (default all)",
+    ),
     ("--sleep-mode", "sleep_mode", str, "background (off the decode path, default) | inline"),
     (
         "--sleep-worker",

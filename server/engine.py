@@ -59,7 +59,7 @@ from model.session import (
     room_in_chunk,
 )
 from model.state import SessionState
-from model.tokenizer import EOS, StreamDecoder
+from model.tokenizer import EOS, ByteTokenizer, StreamDecoder, TextStream, Tokenizer
 from scheduler.executor import SleepExecutor, SleepResult
 from scheduler.jobs import ConsolidationJob
 from scheduler.policy import DecodeRate, sleep_deadline
@@ -201,7 +201,7 @@ class Sequence:
     finish_reason: str | None = None
     stats: TurnStats = field(default_factory=TurnStats)
     generator: torch.Generator | None = None
-    decoder: StreamDecoder = field(default_factory=StreamDecoder)
+    decoder: TextStream = field(default_factory=StreamDecoder)  # the model's tokenizer's (`submit`)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # generated, not yet sent
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     last_token_at: float = 0.0
@@ -250,12 +250,15 @@ class Engine:
         max_waiting: int = 256,
         prefill_chunk: int | None = None,
         executor: SleepExecutor | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         """`passes`: N of every sleep; None lets the executor's depth policy choose it per job.
-        `executor`: where sleeps run; None: inline, on the decode thread."""
+        `executor`: where sleeps run; None: inline, on the decode thread. `tokenizer`: the model's, which
+        turns generated ids into text (default: the native byte tokenizer)."""
         if passes is None and (executor is None or executor.policy is None):
             raise ValueError("adaptive depth (passes=None) needs an executor with a depth policy")
         self.model, self.passes, self.metrics = model, passes, metrics
+        self.tokenizer = tokenizer or ByteTokenizer()
         self.executor = executor
         self.max_running, self.max_waiting = max_running, max_waiting
         self.prefill_chunk = prefill_chunk or 4 * model.config.window
@@ -292,6 +295,7 @@ class Engine:
             raise ValueError("a request needs at least one prompt token")
         seq = Sequence(f"{next(self._ids)}-{secrets.token_hex(4)}", request, asyncio.get_running_loop())
         seq.handle = RequestHandle(self, seq)
+        seq.decoder = self.tokenizer.stream_decoder()
         seq.to_feed = list(request.prompt)
         if request.timeout is not None:
             seq.deadline = request.arrival + request.timeout
@@ -779,7 +783,9 @@ class Engine:
             stats=seq.stats,
             prompt_complete=not seq.to_feed,
             reply=seq.text,
-            reply_tokens=seq.generated[: len(seq.generated) - len(seq.pending)] if seq.request.stateful else [],
+            reply_tokens=seq.generated[: len(seq.generated) - len(seq.pending)]
+            if seq.request.stateful
+            else [],
         )
         self._deliver(seq, final)
         self._outbox.append((seq.loop, _set_result, (seq.handle.result, final)))

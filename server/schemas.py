@@ -224,9 +224,10 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "sleepserve"
     max_model_len: int = Field(description="Most tokens one request may generate.")
-    window: int
+    family: str = Field(description="The checkpoint family: sleepy (native) or qwen3_5.")
+    window: int = Field(description="Tokens per sleep window L.")
     schedule: str
-    sleep_passes: int
+    sleep_passes: int = Field(description="Sleep passes N per window.")
     fingerprint: str
 
 

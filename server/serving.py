@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from model.hybrid import HybridLM
 from model.session import new_state
+from server.chat import ChatTurn
 from server.engine import (
     Engine,
     EngineClosed,
@@ -24,7 +25,6 @@ from server.engine import (
     RequestHandle,
     SamplingParams,
 )
-from server.chat import ChatTurn
 from server.errors import APIError
 from server.idle import IdleConsolidator
 from server.sessions import Checkout, SessionManager

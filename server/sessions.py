@@ -10,7 +10,6 @@ conversation.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ from scheduler.redis_state import RECORD_MAGIC
 from server.chat import ChatHistory
 from server.errors import APIError, bad_request, session_not_found, state_refused
 from server.metrics import Metrics
-from server.schemas import ChatMessage, HeadStats, LayerStats, SessionInfo
+from server.schemas import HeadStats, LayerStats, SessionInfo
 from server.stores import SessionStore, StoredSession, StoreError, VersionConflict
 
 log = logging.getLogger("sleepserve.sessions")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,7 +28,12 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     device: str = "cpu"
     store: str = "memory"  # "memory" | "redis://host:port/db"
-    schedule: Literal["hard", "lagged"] | None = None  # None: the checkpoint's own
+    # Sleep for a checkpoint that records none of its own (a sleep-trained one has its own; overriding
+    # them is logged): the window L, the schedule, N (sleep_passes, below) and the blocks that loop in a
+    # sleep, "FIRST:LAST" for blocks [FIRST, LAST) (None: all). None: the checkpoint's or its family's.
+    window: int | None = Field(None, ge=1)
+    schedule: Literal["hard", "lagged"] | None = None
+    sleep_blocks: str | None = None
     # Sleep: "background" runs it on the scheduler's worker thread, off the decode path; "inline" on
     # the decode thread. N: sleep_passes if set (None: the checkpoint's own N, so that temperature 0 is
     # deterministic); "auto" chooses it per sleep in [min_passes, max_passes] from the slack to its
@@ -91,6 +97,13 @@ class Settings(BaseSettings):
             raise ValueError(f"cpu_affinity is auto, none or CPU ids like 0,2; got {value!r}")
         return value
 
+    @field_validator("sleep_blocks")
+    @classmethod
+    def _check_blocks(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+:\d+", value):
+            raise ValueError(f"sleep_blocks is FIRST:LAST (blocks [FIRST, LAST) loop), got {value!r}")
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -125,6 +138,13 @@ class Settings(BaseSettings):
         if isinstance(self.sleep_passes, int) and not self.min_passes <= self.sleep_passes <= self.max_passes:
             raise ValueError(f"sleep_passes must lie in [min_passes, max_passes], got {self.sleep_passes}")
         return self
+
+    @property
+    def sleep_block_range(self) -> tuple[int, int] | None:
+        if self.sleep_blocks is None:
+            return None
+        first, last = self.sleep_blocks.split(":")
+        return int(first), int(last)
 
     @property
     def model_path(self) -> str:
