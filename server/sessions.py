@@ -75,10 +75,10 @@ class Checkout:
     released: bool = False
 
 
-def fast_weight_stats(state: SessionState, top: int = 5) -> list[LayerStats]:
+def fast_weight_stats(fast_weights: list[torch.Tensor], top: int = 5) -> list[LayerStats]:
     """Per gdn layer and head: Frobenius norm, effective rank and the largest singular values."""
     layers = []
-    for index, memory in enumerate(state.memory):
+    for index, memory in enumerate(fast_weights):
         singular = torch.linalg.svdvals(memory.float())  # [H, min(K, V)]
         heads = []
         for s in singular:
@@ -290,5 +290,5 @@ class SessionManager:
             window_fill=len(state.tail) / capacity,
             chat_messages=len(chat.messages),
             state_bytes=len(state.to_bytes(self.fingerprint, capacity)),
-            fast_weights=fast_weight_stats(state),
+            fast_weights=fast_weight_stats(state.memory[: self.model.config.n_gdn]),  # not the conv state
         )

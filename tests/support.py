@@ -179,7 +179,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        flags = ["--port", str(self.port), "--host", "127.0.0.1", "--checkpoint", str(checkpoint), *args]
+        flags = ["--port", str(self.port), "--host", "127.0.0.1", "--model", str(checkpoint), *args]
         env = {
             **os.environ,
             "SLEEPSERVE_STORE": store,
