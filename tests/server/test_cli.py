@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
+from support import ROOT
 
 from server import cli
 from server.cli import main, settings_from_args
@@ -31,6 +34,22 @@ def test_missing_checkpoint_fails_clearly(monkeypatch, capsys, tmp_path):
     assert main(["serve"]) == 2
     error = capsys.readouterr().err
     assert "cannot load checkpoint" in error and "absent" in error and "Traceback" not in error
+
+
+def test_offline_hub_id_fails_with_one_clear_error(tmp_path):
+    """A hub id with no network: one line that says how to pass a local folder, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "--model", "Qwen/Qwen3.5-0.8B"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "cannot download Qwen/Qwen3.5-0.8B" in done.stderr and "--model DIR" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_invalid_settings_and_commands(capsys):
