@@ -66,10 +66,7 @@ def load(settings: Settings) -> LoadedModel:
             sleep_blocks=settings.sleep_block_range,
         )
     except FileNotFoundError as exc:
-        raise CheckpointError(
-            f"cannot load checkpoint {settings.model_path}: {exc}. Point --model (SLEEPSERVE_MODEL) at a "
-            f"checkpoint folder (a native one: `sleepserve train`; a Hugging Face one) or a hub id."
-        ) from exc
+        raise CheckpointError(f"cannot load checkpoint {settings.model_path}: {exc}") from exc
     except ValueError as exc:  # an unsupported model type, sleep settings that do not fit the model
         raise CheckpointError(f"cannot serve {settings.model_path}: {exc}") from exc
 
