@@ -46,6 +46,7 @@ async def test_operational_routes(serve):
     models = (await client.get("/v1/models")).json()
     assert models["object"] == "list" and models["data"][0]["id"] == MODEL
     assert models["data"][0]["schedule"] == "lagged" and models["data"][0]["window"] == 8
+    assert models["data"][0]["family"] == "sleepy" and models["data"][0]["sleep_passes"] == 2
     await client.post("/v1/completions", json=completion())
     metrics = (await client.get("/metrics")).text
     for name in ("sleepserve_generation_tokens_total", "sleepserve_decode_batch_size_bucket"):
@@ -105,6 +106,7 @@ BAD_INPUTS = [
     ("/v1/completions", completion(stop="\ud800"), 400, "lone surrogates", "stop"),
     ("/v1/completions", completion(prompt=["a", "b"]), 400, "one prompt", "prompt"),
     ("/v1/completions", completion(prompt=[1, 99999]), 400, "token ids", "prompt"),
+    ("/v1/completions", completion(prompt=[[1, 2], [3]]), 400, "one prompt", "prompt"),
     ("/v1/completions", completion(n=2), 400, "n=1", "n"),
     ("/v1/completions", completion(temperature=3), 400, "temperature", "temperature"),
     ("/v1/completions", completion(top_p=0), 400, "top_p", "top_p"),

@@ -34,6 +34,9 @@ async def test_echo_scores_the_prompt(serve):
     tokens = TOKENIZER.encode(PROMPT)
     assert choice["text"] == PROMPT and logprobs["tokens"] == list(PROMPT)
     assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    # lm-evaluation-harness sends token ids, batched: a list of one list
+    as_ids = (await client.post("/v1/completions", json={**body, "prompt": [tokens]})).json()["choices"][0]
+    assert as_ids["logprobs"] == logprobs and as_ids["text"] == PROMPT
     expected = reference_logprobs(client.app.state.server.model, tokens)
     assert torch.allclose(torch.tensor(logprobs["token_logprobs"][1:]), expected, atol=1e-4)
     for token, logprob, top in zip(
