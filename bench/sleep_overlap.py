@@ -58,7 +58,7 @@ from bench.procs import http_server
 from bench.serve import RequestConfig, run_requests
 from bench.stats import summarize
 from model.config import CONSTRUCTIONS
-from scheduler.executor import ISOLATIONS
+from scheduler.isolation import ISOLATIONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -12,7 +12,7 @@ from model.checkpoint import fingerprint
 from model.hybrid import HybridLM
 from model.loading import LoadedModel, load_model
 from model.tokenizer import ByteTokenizer, Tokenizer
-from scheduler.executor import SleepExecutor
+from scheduler.isolation import create_executor
 from scheduler.policy import DepthPolicy
 from server.engine import Engine
 from server.idle import IdleConsolidator
@@ -96,11 +96,11 @@ def build_server(
             isolation,
             f", its process on CPUs {sorted(sleeper_cpus)}" if sleeper_cpus and sleeper else "",
         )
-        executor = SleepExecutor(
+        executor = create_executor(
             model,
+            isolation,
             policy=policy,
             metrics=metrics,
-            isolation=isolation,
             nice=settings.sleeper_nice,
             batch_wait=settings.sleep_batch_wait,
             share=settings.sleep_share,

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.checkpoint import DEFAULT_CHECKPOINT
-from scheduler.executor import Isolation
+from scheduler.isolation import Isolation
 
 
 class Settings(BaseSettings):

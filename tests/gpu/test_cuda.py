@@ -17,7 +17,8 @@ from model.gated_delta import gated_delta_chunk, gated_delta_recurrent
 from model.session import feed, generate, new_state, open_window
 from model.state import SessionState
 from model.tokenizer import ByteTokenizer
-from scheduler.executor import LocalSleeper, SleepExecutor
+from scheduler.isolation import create_executor
+from scheduler.thread import LocalSleeper
 from server.engine import Engine, EngineRequest, SamplingParams
 from server.metrics import Metrics
 
@@ -112,7 +113,7 @@ async def test_engine_with_the_stream_sleeper_matches_the_reference(schedule):
     the reference's greedy tokens and memory."""
     model = on_cuda(tiny_model(schedule))
     metrics = Metrics()
-    executor = SleepExecutor(model, metrics=metrics, isolation="thread")
+    executor = create_executor(model, metrics=metrics, isolation="thread")
     engine = Engine(model, passes=model.config.sleep_passes, metrics=metrics, executor=executor)
     engine.start()
     try:

@@ -15,8 +15,10 @@ import torch
 from support import GatedModel
 
 from model.hybrid import HybridLM
-from scheduler.executor import Isolation, SleepExecutor
+from scheduler.executor import SleepExecutor
+from scheduler.isolation import Isolation, create_executor
 from scheduler.jobs import ConsolidationJob
+from scheduler.offload import OffloadExecutor
 from scheduler.policy import DepthPolicy, PassCosts
 from server.metrics import Metrics
 
@@ -49,7 +51,7 @@ def busy_executor(model: HybridLM, max_batch: int) -> Iterator[tuple[SleepExecut
     for rows in (1, max_batch):
         policy.seed(8, 0.01, rows)
     gated = GatedModel(model)
-    executor = SleepExecutor(gated, max_batch=max_batch, policy=policy, clock=lambda: now)  # type: ignore[arg-type]
+    executor = create_executor(gated, max_batch=max_batch, policy=policy, clock=lambda: now)  # type: ignore[arg-type]
     try:
         running = executor.submit(random_job(model, 0, tokens=8, passes=1, deadline=now))
         assert gated.started.wait(10)
@@ -62,7 +64,7 @@ def busy_executor(model: HybridLM, max_batch: int) -> Iterator[tuple[SleepExecut
 
 def test_results_equal_model_sleep_and_metrics_count(model: HybridLM) -> None:
     metrics = Metrics()
-    executor = SleepExecutor(model, metrics=metrics)
+    executor = create_executor(model, metrics=metrics)
     try:
         jobs = [random_job(model, seed, passes=p) for seed, p in [(1, 1), (2, 3), (3, 2)]]
         jobs[2].trigger = "idle"
@@ -100,7 +102,7 @@ def test_equal_jobs_run_as_one_batch_that_equals_each_alone(model: HybridLM) -> 
     gated = GatedModel(model)
     metrics = Metrics()
     policy = RecordingPolicy()
-    executor = SleepExecutor(gated, max_batch=4, metrics=metrics, policy=policy)  # type: ignore[arg-type]
+    executor = create_executor(gated, max_batch=4, metrics=metrics, policy=policy)  # type: ignore[arg-type]
     try:
         blocker = executor.submit(random_job(model, 0, tokens=5))
         assert gated.started.wait(10)
@@ -123,7 +125,7 @@ def test_equal_jobs_run_as_one_batch_that_equals_each_alone(model: HybridLM) -> 
 def test_deadline_miss_is_counted_and_makes_the_policy_shallower(model: HybridLM) -> None:
     metrics = Metrics()
     policy = DepthPolicy(1, 6, miss_penalty=2.0)
-    executor = SleepExecutor(model, metrics=metrics, policy=policy)
+    executor = create_executor(model, metrics=metrics, policy=policy)
     try:
         late = executor.submit(random_job(model, 4, deadline=time.monotonic() - 1.0)).result(timeout=30)
     finally:
@@ -135,7 +137,7 @@ def test_deadline_miss_is_counted_and_makes_the_policy_shallower(model: HybridLM
 
 def test_policy_chooses_the_depth_when_the_job_leaves_it_open(model: HybridLM) -> None:
     policy = DepthPolicy(1, 5)
-    executor = SleepExecutor(model, policy=policy)
+    executor = create_executor(model, policy=policy)
     try:
         assert executor.calibrate(8) > 0 and policy.pass_seconds(8) > 0
         idle = executor.submit(random_job(model, 5, passes=None, deadline=time.monotonic() + 3600))
@@ -145,12 +147,12 @@ def test_policy_chooses_the_depth_when_the_job_leaves_it_open(model: HybridLM) -
     finally:
         executor.shutdown()
     with pytest.raises(ValueError):
-        SleepExecutor(model).submit(random_job(model, 7, passes=None))
+        create_executor(model).submit(random_job(model, 7, passes=None))
 
 
 def test_cancel_session_and_shutdown(model: HybridLM) -> None:
     gated = GatedModel(model)
-    executor = SleepExecutor(gated)  # type: ignore[arg-type]
+    executor = create_executor(gated)  # type: ignore[arg-type]
     first = executor.submit(random_job(model, 0))
     assert gated.started.wait(10)
     queued = [executor.submit(random_job(model, seed)) for seed in (1, 2, 1)]
@@ -168,7 +170,7 @@ def test_a_running_job_of_a_cancelled_session_ends_cancelled_not_as_a_sleep(mode
     neither the sleep nor its missed deadline (nobody waits for it) is counted."""
     metrics = Metrics()
     gated = GatedModel(model)
-    executor = SleepExecutor(gated, metrics=metrics)  # type: ignore[arg-type]
+    executor = create_executor(gated, metrics=metrics)  # type: ignore[arg-type]
     try:
         running = executor.submit(random_job(model, 0, deadline=time.monotonic()))  # due at once
         assert gated.started.wait(10)
@@ -185,7 +187,7 @@ def test_a_running_job_of_a_cancelled_session_ends_cancelled_not_as_a_sleep(mode
 
 
 def test_a_failing_sleep_fails_its_future(model: HybridLM) -> None:
-    executor = SleepExecutor(model)
+    executor = create_executor(model)
     try:
         job = random_job(model, 8)
         job.memory = job.memory[:0]  # no memory for the gdn layer
@@ -199,7 +201,7 @@ def test_a_failing_sleep_fails_its_future(model: HybridLM) -> None:
 def test_process_isolation_equals_model_sleep_and_survives_a_killed_child(model: HybridLM) -> None:
     """The child-process sleeper gives the batched results of `model.sleep`; a child killed with
     SIGKILL is restarted and the job still completes; an error in the child fails only its future."""
-    executor = SleepExecutor(model, max_batch=4, isolation="process")
+    executor = create_executor(model, max_batch=4, isolation="process")
     try:
         assert executor.calibrate(8) > 0
         jobs = [random_job(model, seed) for seed in (21, 22, 23)]
@@ -228,8 +230,8 @@ def test_a_niced_sleeper_process_runs_behind_the_server(model: HybridLM) -> None
     """`nice` lowers the child's priority by that much and, on a kernel that takes custom slices
     (EEVDF, Linux ≥ 6.12), gives it the shortest; its results do not change."""
     with pytest.raises(ValueError, match="isolation='process'"):
-        SleepExecutor(model, isolation="thread", nice=5)
-    executor = SleepExecutor(model, isolation="process", nice=5)
+        create_executor(model, isolation="thread", nice=5)
+    executor = create_executor(model, isolation="process", nice=5)
     try:
         job = random_job(model, 27)
         result = executor.submit(job).result(timeout=60)  # the child has set its priority by now
@@ -247,7 +249,7 @@ def test_a_niced_sleeper_process_runs_behind_the_server(model: HybridLM) -> None
 
 def test_jobs_submitted_together_run_as_one_batch(model: HybridLM) -> None:
     """An idle worker does not start on the first of `submit_all`'s jobs alone."""
-    executor = SleepExecutor(model, max_batch=8)
+    executor = create_executor(model, max_batch=8)
     try:
         futures = executor.submit_all([random_job(model, seed, passes=2) for seed in range(5)])
         assert [f.result(timeout=30).batch_size for f in futures] == [5] * 5
@@ -258,7 +260,7 @@ def test_jobs_submitted_together_run_as_one_batch(model: HybridLM) -> None:
 def test_batch_wait_lets_equal_jobs_submitted_a_moment_later_join(model: HybridLM) -> None:
     """With `batch_wait`, a job with slack is held back briefly so that an equal job submitted a step
     later runs in its batch; a job due now is never held, and a full batch starts at once."""
-    executor = SleepExecutor(model, max_batch=3, batch_wait=0.5)
+    executor = create_executor(model, max_batch=3, batch_wait=0.5)
     try:
         soon = time.monotonic() + 60.0
         first = executor.submit(random_job(model, 1, passes=2, deadline=soon))
@@ -327,7 +329,7 @@ def interleaved(
     policy = DepthPolicy(1, 8, deviations=0.0, clock=clock)
     for rows in (1, 8):
         policy.seed(8, 0.001, rows)
-    return SleepExecutor(model, policy=policy, isolation=isolation, clock=clock, **kw)
+    return create_executor(model, policy=policy, isolation=isolation, clock=clock, **kw)
 
 
 def test_interleaved_equals_model_sleep_and_runs_only_on_the_callers_turn(model: HybridLM) -> None:
@@ -400,7 +402,7 @@ def test_interleaved_learns_the_pass_cost_from_one_pass_sleeps_too(model: Hybrid
     """A sleep's only pass is memory-only (shorter): the policy learns from it all the same, or a
     server whose sleeps all get N = 1 would plan with its first estimate forever."""
     policy = RecordingPolicy()
-    executor = SleepExecutor(model, policy=policy, isolation="interleaved")
+    executor = create_executor(model, policy=policy, isolation="interleaved")
     try:
         futures = executor.submit_all([random_job(model, seed, passes=1) for seed in (71, 72)])
         executor.wait(futures, timeout=30)
@@ -412,10 +414,11 @@ def test_interleaved_learns_the_pass_cost_from_one_pass_sleeps_too(model: Hybrid
     assert policy.pass_seconds(8, rows=2, margin=False) != policy.token_pass_seconds * 8 * 2
 
 
-def offloading(model: HybridLM, helper_pass_seconds: float, **kw) -> SleepExecutor:
+def offloading(model: HybridLM, helper_pass_seconds: float, **kw) -> OffloadExecutor:
     """`interleaved`'s executor with its passes offloaded, the helper expected to take
     `helper_pass_seconds` a pass (no margin), on a CPU of this process's."""
     executor = interleaved(model, isolation="offload", sleeper_cpus={min(os.sched_getaffinity(0))}, **kw)
+    assert isinstance(executor, OffloadExecutor)
     executor._helper_costs = PassCosts(deviations=0.0)
     for rows in (1, 8):
         executor._helper_costs.seed(8, helper_pass_seconds, rows)
@@ -552,7 +555,7 @@ def test_interleaved_shutdown_finishes_or_fails_the_batch_in_progress(model: Hyb
     executor.shutdown()
     assert good.result(timeout=0).passes == 2  # still serving
     with pytest.raises(ValueError, match="depth policy"):
-        SleepExecutor(model, isolation="interleaved")
+        create_executor(model, isolation="interleaved")
     with pytest.raises(ValueError, match="share"):
         interleaved(model, share=1.0)
 

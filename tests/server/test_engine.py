@@ -13,7 +13,7 @@ from support import SCHEDULES, GatedModel, tiny_model
 
 from model.session import generate, new_state
 from model.tokenizer import EOS, ByteTokenizer
-from scheduler.executor import SleepExecutor
+from scheduler.isolation import create_executor
 from scheduler.policy import DecodeRate, DepthPolicy
 from server.engine import Engine, EngineRequest, Output, QueueFull, SamplingParams
 from server.metrics import Metrics
@@ -34,7 +34,7 @@ async def make_engine(request):
         if request.param != "inline":
             paced = request.param in ("interleaved", "offload")
             policy = DepthPolicy(1, 8) if paced else None  # paces, N stays fixed
-            executor = SleepExecutor(model, metrics=metrics, isolation=request.param, policy=policy)
+            executor = create_executor(model, metrics=metrics, isolation=request.param, policy=policy)
         engine = Engine(model, passes=model.config.sleep_passes, metrics=metrics, executor=executor, **kwargs)
         engines.append(engine)
         if start:
@@ -286,7 +286,7 @@ async def test_a_pending_sleep_is_planned_anew_as_its_session_nears_the_boundary
     monkeypatch.setattr(DecodeRate, "rate", property(lambda self: 100.0))  # 10 ms a token
     model = tiny_model("lagged")
     gated = GatedModel(model)
-    executor = SleepExecutor(gated, isolation="thread")
+    executor = create_executor(gated, isolation="thread")
     planned: list[tuple[int, int]] = []  # (job, tokens ahead at the rate, to within 5 ms)
     reschedule = executor.reschedule
 
@@ -326,7 +326,7 @@ async def test_a_session_that_waits_for_its_sleep_counts_a_missed_deadline(monke
     model = tiny_model("lagged")
     metrics = Metrics()
     gated = GatedModel(model)
-    executor = SleepExecutor(gated, metrics=metrics, isolation="thread")
+    executor = create_executor(gated, metrics=metrics, isolation="thread")
     engine = Engine(model, passes=model.config.sleep_passes, metrics=metrics, executor=executor)
     engine.start()
     tokens = TOKENIZER.encode(prompt)  # "wait:" fits in the first window (8), the other spans three
@@ -362,7 +362,7 @@ async def test_a_sleep_in_flight_when_its_request_ends_is_dropped_not_finished_l
     policy = DepthPolicy(1, 64)
     for rows in (1, 8):
         policy.seed(8, 0.05, rows)  # passes planned slow: the pace runs slices at every step
-    executor = SleepExecutor(model, metrics=metrics, isolation="interleaved", policy=policy)
+    executor = create_executor(model, metrics=metrics, isolation="interleaved", policy=policy)
     engine = Engine(model, passes=64, metrics=metrics, executor=executor)  # a sleep of many steps
     in_flight: list[Future] = []
     cancel = executor.cancel_session
