@@ -32,21 +32,21 @@ log = logging.getLogger("sleepserve.scheduler")
 
 
 def _pass_size(config: ModelConfig, rows: int, tokens: int) -> int:
-    """Numbers in a pass's h and fast weights (see `_pass_views`)."""
-    return rows * (
-        tokens * config.d_model + config.n_gdn * config.gdn_heads * config.gdn_key_dim * config.gdn_value_dim
-    )
+    """Numbers in a pass's h and memory (see `_pass_views`)."""
+    return rows * (tokens * config.d_model + sum(math.prod(shape) for shape in config.memory_shapes()))
 
 
 def _pass_views(shared: Tensor, config: ModelConfig, rows: int, tokens: int) -> tuple[Tensor, Memory]:
-    """A pass's h [rows, tokens, d] and fast weights (one [rows, H, K, V] per gdn layer), laid out one
-    after the other at the start of the flat buffer `shared`."""
-    h_size = rows * tokens * config.d_model
-    shape = (rows, config.gdn_heads, config.gdn_key_dim, config.gdn_value_dim)
-    size = math.prod(shape)
-    h = shared[:h_size].view(rows, tokens, config.d_model)
-    fast = [shared[h_size + i * size : h_size + (i + 1) * size].view(shape) for i in range(config.n_gdn)]
-    return h, fast
+    """A pass's h [rows, tokens, d] and memory (one [rows, *shape] per `ModelConfig.memory_shapes`),
+    laid out one after the other at the start of the flat buffer `shared`."""
+    start = rows * tokens * config.d_model
+    h = shared[:start].view(rows, tokens, config.d_model)
+    memory = []
+    for shape in config.memory_shapes():
+        size = rows * math.prod(shape)
+        memory.append(shared[start : start + size].view(rows, *shape))
+        start += size
+    return h, memory
 
 
 class ProcessSleeper:

@@ -96,6 +96,7 @@ def model_config(raw: dict) -> tuple[ModelConfig, bool]:
         gdn_key_dim=text["linear_key_head_dim"],
         gdn_value_dim=text["linear_value_head_dim"],
         gdn_l2norm_eps=1e-6,
+        gdn_chunk_size=64,  # transformers' and fla's: the same sums in the same order
         conv_size=text["linear_conv_kernel_dim"],
         gdn_conv_state="carry",
         mlp="swiglu",

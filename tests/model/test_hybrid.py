@@ -201,6 +201,34 @@ def test_sleep_is_pure():
         assert torch.equal(m, b) and torch.equal(x, y)
 
 
+def test_sleep_loops_only_the_sleep_blocks():
+    """sleep_blocks [1, 4) of 6, N = 3: blocks 0-3, then 1-3, then 1-5, h carried throughout (the
+    paper looped the middle of Jet-Nemotron's blocks); every gdn layer's memory is written."""
+    model = make_model("deep", "hard")
+    looped = copy.copy(model)
+    looped.config = model.config.replace(sleep_blocks=(1, 4))
+    memory = [torch.randn_like(m) * 0.3 for m in model.empty_memory(2)]
+    chunk = torch.randint(0, 256, (2, model.config.window))
+    with torch.no_grad():
+        h, fast = model.embed(chunk), list(memory)
+        for blocks in (range(0, 4), range(1, 4), range(1, 6)):
+            for i in blocks:
+                block = model.blocks[i]
+                if block.kind == "attn":
+                    h = block.attend(h)
+                else:
+                    j = model.gdn_index[i]
+                    y, fast[j], _ = block.mixer(block.mixer_norm(h), fast[j])
+                    h = h + y
+                h = block.feed_forward(h)
+        got, everything = looped.sleep(memory, chunk, 3), model.sleep(memory, chunk, 3)
+        slices = sum(1 for _ in looped.sleep_slices(memory, chunk, 3))
+    assert slices == looped.sleep_slice_count(3) < model.sleep_slice_count(3)
+    for a, b, c in zip(got, fast, everything, strict=True):
+        assert (a - b).abs().max() < 1e-6
+        assert (a - c).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("shape", ["small", "deep"])
 def test_sleep_slices_interleaved_with_other_work_equal_sleep(shape):
     """A sleep run a slice at a time (as the decode thread runs one between its steps) takes
