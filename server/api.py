@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.chat import ChatTurn, chat_turn, new_messages
+from server.chat import ChatTurn, chat_turn, new_messages, render
 from server.context import Server
 from server.engine import SamplingParams
 from server.errors import APIError, bad_request
@@ -159,7 +159,7 @@ async def chat_completions(
 
     def build_prompt(checkout: Checkout | None) -> tuple[list[int], ChatTurn | None]:
         if checkout is None:
-            return server.tokenizer.encode_chat(messages), None
+            return render(server.tokenizer, messages), None
         new = messages[new_messages(messages, checkout.chat.messages) :]
         return chat_turn(server.tokenizer, checkout.chat, new)
 

@@ -19,7 +19,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from server.errors import APIError
+from jinja2 import TemplateError
+
+from server.errors import APIError, bad_request
 
 Message = tuple[str, str]  # (role, content), as chat templates take them
 
@@ -93,12 +95,21 @@ def new_messages(messages: list[Message], history: list[Message]) -> int:
     raise APIError(409, message, param="messages", code="session_history_mismatch")
 
 
+def render(tokenizer: ChatTokenizer, messages: list[Message]) -> list[int]:
+    """The chat template's tokens for `messages`, ready for the reply; 400 where the template refuses
+    them (a Hugging Face template may raise, e.g. on a system message that is not the first)."""
+    try:
+        return tokenizer.encode_chat(messages)
+    except TemplateError as exc:
+        raise bad_request(f"the model's chat template refused the messages: {exc}", "messages") from exc
+
+
 def chat_turn(
     tokenizer: ChatTokenizer, history: ChatHistory, new: list[Message]
 ) -> tuple[list[int], ChatTurn]:
     """The tokens a session with `history` feeds for the `new` messages, and the turn to record."""
-    rendered = tokenizer.encode_chat([*history.messages, *new])
+    rendered = render(tokenizer, [*history.messages, *new])
     consumed = history.tokens
     if len(rendered) > consumed and token_digest(rendered[:consumed]) == history.digest:
         return rendered[consumed:], ChatTurn(new, rendered, exact=True)
-    return tokenizer.encode_chat(new), ChatTurn(new, rendered, exact=False)
+    return render(tokenizer, new), ChatTurn(new, rendered, exact=False)
