@@ -187,6 +187,13 @@ def transformers_throughput(hf, requests: int, prompt: int, output: int, vocab: 
     return produced / (time.perf_counter() - start)
 
 
+def timed(name: str, fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
+    return result
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -222,8 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window", type=int, help="sleepserve's window L (default 512; smoke 32)")
     parser.add_argument("--sleep-passes", type=int, default=2, help="sleepserve's N")
     parser.add_argument("--concurrent", type=int, help="requests at once (default 16; smoke 4)")
-    parser.add_argument("--prompt-tokens", type=int, help="per request (default 256; smoke 16)")
-    parser.add_argument("--output-tokens", type=int, help="per request (default 320; smoke 8)")
+    parser.add_argument("--prompt-tokens", type=int, help="per request (default 384; smoke 16)")
+    parser.add_argument("--output-tokens", type=int, help="per request (default 160; smoke 8)")
     parser.add_argument("--out", type=Path, default=RESULTS / "real_decode.json")
     args = parser.parse_args(argv)
     small = args.smoke
@@ -231,8 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     probe = args.probe or (4 if small else 32)
     window = args.window or (32 if small else 512)
     concurrent = args.concurrent or (4 if small else 16)
-    prompt = args.prompt_tokens or (16 if small else 256)
-    output = args.output_tokens or (8 if small else 320)
+    prompt = args.prompt_tokens or (16 if small else 384)  # with the output: past one window
+    output = args.output_tokens or (8 if small else 160)
     shape = SMOKE if small else FULL
     torch.set_num_threads(min(2, torch.get_num_threads()))
     from transformers import Qwen3_5ForCausalLM
@@ -242,13 +249,19 @@ def main(argv: list[str] | None = None) -> dict:
         loaded = load_model(folder, window=window, schedule="lagged", sleep_passes=args.sleep_passes)
         hf = Qwen3_5ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         vocab = shape["vocab_size"]
-        ours = sleepserve_latency(loaded, contexts, probe, vocab)
-        theirs = transformers_latency(hf, contexts, probe, vocab, prefill_chunk=4 * window)
+        ours = timed("sleepserve latency", sleepserve_latency, loaded, contexts, probe, vocab)
+        theirs = timed("transformers latency", transformers_latency, hf, contexts, probe, vocab, 4 * window)
         settings = Settings(
             model=folder, window=window, schedule="lagged", sleep_passes=args.sleep_passes, store="memory"
         )
-        our_rate = asyncio.run(sleepserve_throughput(settings, concurrent, prompt, output, vocab))
-        their_rate = transformers_throughput(hf, concurrent, prompt, output, vocab)
+        our_rate = timed(
+            "sleepserve throughput",
+            asyncio.run,
+            sleepserve_throughput(settings, concurrent, prompt, output, vocab),
+        )
+        their_rate = timed(
+            "transformers throughput", transformers_throughput, hf, concurrent, prompt, output, vocab
+        )
     config = loaded.model.config
     report = {
         "machine": machine(),
