@@ -141,3 +141,24 @@ def test_auto_sleep_offloads_to_the_cpus_the_server_leaves_free(tiny_checkpoint)
         assert helper is not None and helper.cpus == {cpu}
     finally:
         offloaded.shutdown()
+
+
+def test_serve_time_sleep_settings_reach_the_model(tiny_checkpoint, capsys):
+    settings = settings_from_args(
+        [
+            "--model",
+            str(tiny_checkpoint()),
+            "--window",
+            "12",
+            "--sleep-blocks",
+            "0:1",
+            "--sleep-mode",
+            "inline",
+        ]
+    )
+    config = build_server(settings).model.config
+    assert (config.window, config.sleep_blocks) == (12, (0, 1))
+    assert main(["serve", "--sleep-blocks", "3"]) == 2
+    assert "FIRST:LAST" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_checkpoint()), "--sleep-blocks", "0:9"]) == 2
+    assert "sleep_blocks" in capsys.readouterr().err
