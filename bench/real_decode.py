@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrent", type=int, help="requests at once (default 16; smoke 4)")
     parser.add_argument("--prompt-tokens", type=int, help="per request (default 384; smoke 16)")
     parser.add_argument("--output-tokens", type=int, help="per request (default 160; smoke 8)")
+    # One thread by default, for both systems: a small model's ops are too small to split, and on a busy
+    # host two threads wait on each other at every op (seen: 10-30x slower steps on 2 shared cores).
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS / "real_decode.json")
     args = parser.parse_args(argv)
     small = args.smoke
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompt = args.prompt_tokens or (16 if small else 384)  # with the output: past one window
     output = args.output_tokens or (8 if small else 160)
     shape = SMOKE if small else FULL
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     from transformers import Qwen3_5ForCausalLM
 
     with tempfile.TemporaryDirectory() as folder:
