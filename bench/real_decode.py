@@ -6,9 +6,9 @@ shapes), saved with `save_pretrained` and loaded by both: sleepserve through `mo
 `Qwen3_5ForCausalLM` with its own cache.
 
 - Per-token latency by context: one session is driven to each context length (sleepserve: fed with a
-  sleep at every window boundary; transformers: prefilled into its cache), then `--probe` single-token
-  steps are timed there (the median). The state is what a session holds there: sleepserve's session
-  blob, transformers' cache tensors.
+  sleep at every window boundary; transformers: prefilled into its cache) and a copy kept there; then
+  `--probe` single-token steps of each copy are timed, the copies in turn (the median of each). The
+  state is what a session holds there: sleepserve's session blob, transformers' cache tensors.
 - Output tokens/s at `--concurrent` requests: sleepserve's engine (continuous batching, built as
   `sleepserve serve` builds it, without HTTP) against `generate` called per request, one request at a
   time, as a plain transformers server would (`transformers serve` is not run here: "method" says so).
@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -89,37 +91,45 @@ def random_ids(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def median_ms(step, probe: int) -> float:
-    samples = []
+def medians_in_turn(steps: list[Callable[[], None]], probe: int) -> list[float]:
+    """The median ms of each of `steps` over `probe` calls, called in turn (one call of each per round),
+    so that a busy spell of a shared host falls on all of them alike."""
+    samples: list[list[float]] = [[] for _ in steps]
     for _ in range(probe):
-        start = time.perf_counter()
-        step()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+        for step, times in zip(steps, samples, strict=True):
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(times) for times in samples]
 
 
 @torch.inference_mode()
 def sleepserve_latency(loaded, contexts: list[int], probe: int, vocab: int) -> list[dict]:
+    """One session driven to each context (fed, sleeping at every boundary), a copy of it kept there;
+    then single-token steps of the copies, in turn."""
     model = loaded.model
     fp, capacity = fingerprint(model), model.config.window_capacity
     state = new_state(model)
     cache, _ = open_window(model, state)
-    rows, seed = [], 0
+    copies, seed = [], 0
     for context in contexts:
         while state.tokens_seen < context:
             step = min(model.config.window, context - state.tokens_seen)
             _, cache, _ = feed(model, state, cache, random_ids(step, vocab, seed := seed + 1))
-        tokens = iter(random_ids(probe, vocab, seed := seed + 1))
+        copies.append({"state": state.clone(), "cache": cache.select([0])})
 
-        def step(tokens=tokens) -> None:
-            nonlocal cache
-            _, cache, _ = feed(model, state, cache, [next(tokens)])
+    def stepper(copy: dict, tokens: Iterator[int]) -> Callable[[], None]:
+        def step() -> None:
+            _, copy["cache"], _ = feed(model, copy["state"], copy["cache"], [next(tokens)])
 
-        itl = median_ms(step, probe)
-        rows.append(
-            {"context_tokens": context, "itl_ms": itl, "state_bytes": len(state.to_bytes(fp, capacity))}
-        )
-    return rows
+        return step
+
+    steps = [stepper(copy, iter(random_ids(probe, vocab, 500 + i))) for i, copy in enumerate(copies)]
+    itls = medians_in_turn(steps, probe)
+    return [
+        {"context_tokens": context, "itl_ms": itl, "state_bytes": len(copy["state"].to_bytes(fp, capacity))}
+        for context, itl, copy in zip(contexts, itls, copies, strict=True)
+    ]
 
 
 def cache_bytes(cache) -> int:
@@ -134,24 +144,29 @@ def cache_bytes(cache) -> int:
 
 @torch.inference_mode()
 def transformers_latency(hf, contexts: list[int], probe: int, vocab: int, prefill_chunk: int) -> list[dict]:
+    """One sequence prefilled into transformers' cache up to each context, a copy of the cache kept
+    there; then single-token steps of the copies, in turn."""
     from transformers import DynamicCache
 
-    cache, seen, rows, seed = DynamicCache(config=hf.config), 0, [], 1000
+    cache, seen, copies, seed = DynamicCache(config=hf.config), 0, [], 1000
     for context in contexts:
         while seen < context:
             step = min(prefill_chunk, context - seen)
             ids = torch.tensor([random_ids(step, vocab, seed := seed + 1)])
             hf(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
             seen += step
-        tokens = iter(random_ids(probe, vocab, seed := seed + 1))
+        copies.append(copy.deepcopy(cache))
+    sizes = [cache_bytes(c) for c in copies]
 
-        def step(tokens=tokens) -> None:
-            hf(input_ids=torch.tensor([[next(tokens)]]), cache=cache, use_cache=True)
+    def stepper(cache, tokens: Iterator[int]) -> Callable[[], None]:
+        return lambda: hf(input_ids=torch.tensor([[next(tokens)]]), cache=cache, use_cache=True)
 
-        itl = median_ms(step, probe)
-        seen += probe
-        rows.append({"context_tokens": context, "itl_ms": itl, "state_bytes": cache_bytes(cache)})
-    return rows
+    steps = [stepper(c, iter(random_ids(probe, vocab, 1500 + i))) for i, c in enumerate(copies)]
+    itls = medians_in_turn(steps, probe)
+    return [
+        {"context_tokens": context, "itl_ms": itl, "state_bytes": size}
+        for context, itl, size in zip(contexts, itls, sizes, strict=True)
+    ]
 
 
 async def sleepserve_throughput(
@@ -225,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--smoke", action="store_true", help="the smallest size (a CI check, seconds)")
     parser.add_argument("--contexts", type=int, nargs="+", help="default 1k 4k 16k 32k (smoke: 64 256)")
-    parser.add_argument("--probe", type=int, help="decode steps timed at each context (default 32; smoke 4)")
+    parser.add_argument("--probe", type=int, help="decode steps timed at each context (default 64; smoke 4)")
     parser.add_argument("--window", type=int, help="sleepserve's window L (default 512; smoke 32)")
     parser.add_argument("--sleep-passes", type=int, default=2, help="sleepserve's N")
     parser.add_argument("--concurrent", type=int, help="requests at once (default 16; smoke 4)")
@@ -238,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     small = args.smoke
     contexts = args.contexts or ([64, 256] if small else [1024, 4096, 16384, 32768])
-    probe = args.probe or (4 if small else 32)
+    probe = args.probe or (4 if small else 64)
     window = args.window or (32 if small else 512)
     concurrent = args.concurrent or (4 if small else 16)
     prompt = args.prompt_tokens or (16 if small else 384)  # with the output: past one window
