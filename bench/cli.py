@@ -17,11 +17,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "sleep-overlap": ("bench.sleep_overlap", "sleep off the decode path: overlap with decoding"),
     "engine-itl": ("bench.engine_itl", "sleep-overlap's streams at the engine, without HTTP or a client"),
+    "sleep-pass": ("bench.sleep_pass", "what one sleep of N passes costs the decode thread"),
+    "evaluation": ("bench.evaluation", "the shipped model's accuracy by task, difficulty and N"),
     "reproduce": ("bench.reproduce", "the paper's experiments at small scale"),
+    "training-curves": ("bench.training_curves", "training loss curves from the runs' logs"),
+    "report": ("bench.report", "render the docs' results and settings tables from their sources"),
     "hf-server": ("bench.hf_server", "serve the transformers baseline (OpenAI-compatible)"),
     "suite": (
         "bench.suite",
-        "decode-scaling, state, both sleep overlaps and multiturn: refresh bench/results",
+        "every step of bench/registry.py marked in_suite (make bench): refresh bench/results",
     ),
 }
 

@@ -4,8 +4,10 @@ full-attention transformer of the same width and depth that keeps its whole KV c
 The hybrid really is driven to each position (prefill with a sleep at every window boundary), so the
 latency it shows at 64k is the latency of a session that has consumed 64k tokens. The full-attention
 cache is filled with random keys and values: its cost depends on their number, not their values.
-Also times one sleep at N ∈ {1, 2, 4} against one prefill of the same chunk, and what a lagged boundary
-costs the decode loop when 8 sessions cross it in the same step (their batched re-prefill).
+The hybrid is the shipped checkpoint's config with random weights (latency depends on the shapes, not
+the weights), in both schedules. Also times one sleep at N ∈ {1, 2, 4} against one prefill of the same
+chunk, and what a re-prefill lagged boundary costs the decode loop when 8 sessions cross it in the same
+step (their batched re-prefill; a stale-kv boundary, the shipped one, recomputes nothing).
 
     python -m bench.decode_scaling            # writes bench/results/decode_scaling.{json,png}
 """
@@ -13,7 +15,6 @@ costs the decode loop when 8 sessions cross it in the same step (their batched r
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bench.models import full_attention_config, random_model_config
+from bench.record import random_record, write_result
 from model.checkpoint import fingerprint
 from model.config import ModelConfig
 from model.hybrid import HybridLM
@@ -93,7 +96,7 @@ def full_attention_scaling(
     results = []
     for position in positions:
         torch.manual_seed(0)
-        dense = config.replace(layers=["attn"] * len(config.layers), window=position + probe, schedule="hard")
+        dense = full_attention_config(config, position + probe)
         model = HybridLM(dense).eval()
         cache = model.open_window([])
         for layer in cache.layers:
@@ -151,7 +154,7 @@ def boundary_costs(config: ModelConfig, sessions: int, repeats: int) -> dict:
     """What a lagged boundary costs the decode loop when `sessions` sessions cross it in the same
     step: the batched re-prefill of their windows (`open_windows`) against one decode step of them."""
     torch.manual_seed(0)
-    model = HybridLM(config.replace(schedule="lagged")).eval()
+    model = HybridLM(config.replace(schedule="lagged", lagged_construction="re-prefill")).eval()
     states = [new_state(model) for _ in range(sessions)]
     for state in states:
         state.tail = torch.randint(0, 256, (config.window,)).tolist()
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    base = ModelConfig()
+    base = random_model_config(None)
     total = 2 * (max(args.positions) + args.probe * len(args.positions))
     total += sum(p + args.probe for p in args.positions)
     results = []
@@ -220,9 +223,8 @@ def main(argv: list[str] | None = None) -> None:
 
     boundary = boundary_costs(base, sessions=8, repeats=50)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "config": base.to_dict(), "results": results, "sleep": sleep}
-    args.out.write_text(json.dumps({**report, "lagged_boundary": boundary}, indent=2))
+    write_result(args.out, {**report, "lagged_boundary": boundary}, random_record(base))
     plot(results, args.out.with_suffix(".png"))
     for row in results:
         print(

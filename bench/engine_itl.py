@@ -11,7 +11,7 @@ sleep_overlap's servers: both engines built once, one round each not counted, th
 (each round's counters their change over it); percentiles over the pooled gaps, the engine's mean
 iteration apart and at a window boundary (`sleepserve_engine_step_seconds{boundary}`) and the mean
 hand-off of outputs to the event loop (`sleepserve_output_handoff_seconds`). Writes
-bench/results/engine_itl.json.
+bench/results/engine_itl.json and a PNG of each system's p99 by round and its steps.
 
 `--weights`: `random` (default, as sleep_overlap; its lagged construction `--lagged-construction`) or
 `checkpoint` (the shipped model, or the one in `--checkpoint`). The weights do
@@ -20,16 +20,15 @@ of them parts of a multi-byte character, so an output often waits for several to
 several steps; the trained model writes ASCII, about one output per token, so its gaps are the steps.
 
     python -m bench.engine_itl
-    python -m bench.engine_itl --weights checkpoint --out bench/results/engine_itl_checkpoint.json
+    python -m bench.engine_itl --weights checkpoint --out runs/engine_itl_checkpoint.json
     python -m bench.engine_itl --weights checkpoint --sleep-worker process --sleeper-nice 19 \
-        --out bench/results/engine_itl_checkpoint_nice19.json
+        --out runs/engine_itl_checkpoint_nice19.json
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import os
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 from bench import sleep_overlap
 from bench.decode_scaling import machine
 from bench.models import random_model_config
+from bench.record import checkpoint_record, random_record, write_result
 from bench.sleep_overlap import rounds_in_turn, server_means, server_times, workload_arguments
 from bench.stats import spread_itl
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
@@ -153,6 +153,32 @@ def pool(name: str, rounds: list[dict]) -> dict:
     }
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Each system's p99 ITL round by round (pooled p99 dashed) and its mean steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (p99, steps) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, row in enumerate(rows):
+        rounds = row["itl_p99_ms_rounds"]
+        p99.plot(range(1, len(rounds) + 1), rounds, "o-", color=f"C{i}", label=row["name"])
+        p99.axhline(row["itl_p99_ms"], color=f"C{i}", linestyle="--", linewidth=0.8)
+    p99.set(xlabel="round", ylabel="ms", title="ITL p99 by round (dashed: pooled)")
+    names = [row["name"] for row in rows]
+    for j, boundary in enumerate(("none", "crossed")):
+        xs = [k + 0.4 * j for k in range(len(rows))]
+        steps.bar(xs, [row[f"step_ms_{boundary}"] for row in rows], width=0.4, label=f"boundary: {boundary}")
+    steps.set_xticks([k + 0.2 for k in range(len(rows))], names)
+    steps.set(ylabel="ms", title="Mean engine step")
+    for ax in (p99, steps):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = workload_arguments(__doc__, rounds=4)
     parser.add_argument("--weights", choices=["random", "checkpoint"], default="random")
@@ -204,8 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"hand-off {row['handoff_ms_mean']:.2f} ms ({row['handoff_share_slow']:.1%} over 2 ms)"
         )
     print(f"p99 ratio {report['p99_ratio']:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    made_with = random_record(lagged) if source == "random" else checkpoint_record(Path(source))
+    report = write_result(args.out, report, made_with)
+    plot(rows, args.out.with_suffix(".png"))
     return report
 
 

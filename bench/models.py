@@ -36,8 +36,14 @@ def product_model(checkpoint: Path = DEFAULT_CHECKPOINT) -> tuple[HybridLM, str]
 
 def full_attention_config(base: ModelConfig, max_context: int) -> ModelConfig:
     """Attention-only blocks of the same width and depth, one window of `max_context` tokens: it keeps
-    every token (baseline 2). Hard schedule, so the window capacity is `max_context`, not twice it."""
-    return base.replace(layers=["attn"] * len(base.layers), window=max_context, schedule="hard")
+    every token (baseline 2). Hard schedule, so the window capacity is `max_context`, not twice it; the
+    lagged construction reset to the default, since stale-kv needs a gdn block behind the first."""
+    return base.replace(
+        layers=["attn"] * len(base.layers),
+        window=max_context,
+        schedule="hard",
+        lagged_construction="re-prefill",
+    )
 
 
 def save_random(config: ModelConfig, folder: Path, seed: int = 0) -> Path:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -51,6 +50,7 @@ from bench.hf_server import kv_cache_bytes as llama_kv_bytes
 from bench.hf_server import llama_config
 from bench.models import full_attention_config, kv_cache_bytes, product_model, save_random
 from bench.procs import http_server
+from bench.record import made_with, write_result
 from bench.serve import (
     BenchmarkResult,
     MultiTurnConfig,
@@ -61,6 +61,7 @@ from bench.serve import (
 )
 from bench.stats import group_stats
 from model.checkpoint import fingerprint, save_checkpoint
+from model.config import ModelConfig
 from model.session import new_state
 
 SYSTEMS = ("sleepserve", "full-attention", "transformers")
@@ -274,9 +275,19 @@ def run(work: Workload, systems: list[str], folder: Path, progress: bool = True)
                 *server_args,
             ],
         ),
+        # It never sleeps (its window holds the whole conversation), so no sleep scheduler: one in the
+        # background would time a sleep pass over that 20k-token window at start, for minutes.
         "full-attention": (
             "server",
-            ["--checkpoint", str(dense_dir), "--model-name", "full-attention", *server_args],
+            [
+                "--checkpoint",
+                str(dense_dir),
+                "--model-name",
+                "full-attention",
+                "--sleep-mode",
+                "inline",
+                *server_args,
+            ],
         ),
         "transformers": (
             "bench.hf_server",
@@ -377,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-multiturn-") as folder:
         result = run(work, args.systems, Path(folder), progress=not args.disable_tqdm)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    sleepserve = result["models"]["sleepserve"]  # the product; the baselines have random weights
+    write_result(
+        args.out, result, made_with(sleepserve["source"], ModelConfig.from_dict(sleepserve["config"]))
+    )
     plot(result, args.out.with_suffix(".png"))
     for system in result["systems"]:
         print(

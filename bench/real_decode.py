@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.decode_scaling import machine
+from bench.record import random_record, write_result
 from model.checkpoint import fingerprint
 from model.loading import load_model
 from model.session import feed, new_state, open_window
@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
             "prompt_tokens": prompt,
             "output_tokens": output,
             "probe": probe,
+            "threads": args.threads,
         },
         "systems": [
             {
@@ -312,8 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
             },
         ],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    report = write_result(args.out, report, made_with=random_record(config))
     plot(report, args.out.with_suffix(".png"))
     for system in report["systems"]:
         for row in system["by_context"]:

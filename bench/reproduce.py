@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bench.record import trained_record, write_result
 from model.train import PRESETS, TrainConfig, build_tasks, evaluate, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,11 +37,18 @@ def run_name(schedule: str, passes: int, seed: int, control: bool) -> str:
 
 
 def run_one(
-    base: TrainConfig, schedule: str, passes: int, seed: int, steps: int, control: bool, per_t: int
+    base: TrainConfig,
+    schedule: str,
+    passes: int,
+    seed: int,
+    steps: int,
+    control: bool,
+    per_t: int,
+    runs: Path = RUNS,
 ) -> dict:
     model_config = base.model.replace(schedule=schedule, sleep_passes=passes)
     config = dataclasses.replace(base, model=model_config, seed=seed, steps=steps, eval_every=steps)
-    out = RUNS / run_name(schedule, passes, seed, control)
+    out = runs / run_name(schedule, passes, seed, control)
     model = train(config, out, resume=True)
     train_seconds = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["train_seconds"]
     (task,) = build_tasks(config)
@@ -59,9 +67,10 @@ def deep_exact(run: dict, deep: list[str]) -> float:
     return statistics.mean(run["accuracy_by_difficulty"][t]["exact"] for t in deep)
 
 
-def mean_and_se(values: list[float]) -> tuple[float, float]:
+def mean_and_se(values: list[float]) -> tuple[float, float | None]:
+    """The mean and its standard error (None from one value)."""
     mean = statistics.mean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
     return mean, se
 
 
@@ -137,7 +146,7 @@ def plot(report: dict, path: Path) -> None:
         label = f"{schedule} N={passes}" + (" (compute-matched)" if control else "")
         style = "--" if schedule == "lagged" else (":" if control else "-")
         ax.errorbar(
-            [int(t) for t in ts], [m for m, _ in stats], yerr=[0 if math.isnan(e) else e for _, e in stats],
+            [int(t) for t in ts], [m for m, _ in stats], yerr=[e or 0 for _, e in stats],
             label=label, linestyle=style, marker="o", capsize=3,
         )  # fmt: skip
     ax.axhline(0.25, color="grey", linewidth=0.8, label="chance (2 labels)")
@@ -147,6 +156,7 @@ def plot(report: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)  # a figure per call: callers in one process would pile them up
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,16 +166,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=PRESETS["reproduce"].steps)
     parser.add_argument("--eval-per-t", type=int, default=500)
+    preset = PRESETS["reproduce"]
+    parser.add_argument("--batch-size", type=int, default=preset.batch_size)
+    parser.add_argument(
+        "--train-eval-per-t",
+        type=int,
+        default=preset.eval_per_difficulty,
+        help="examples per t of the evaluation each run logs at its end (the training curves')",
+    )
     parser.add_argument(
         "--only",
         nargs="+",
         help="run only these (e.g. hard-n1 lagged-n4 control), to split the work over processes",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "reproduction.json")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="the runs' folders (checkpoints and logs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    base = PRESETS["reproduce"]
+    base = dataclasses.replace(
+        PRESETS["reproduce"], batch_size=args.batch_size, eval_per_difficulty=args.train_eval_per_t
+    )
     report = {"task": base.tasks, "config": {**base.to_dict(), "steps": args.steps}, "runs": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     lock_path = args.out.with_suffix(".lock")
@@ -181,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             if report["runs"]:
                 report["summary"] = summarise(report)
                 plot(report, args.out.with_suffix(".png"))
-            args.out.write_text(json.dumps(report, indent=2))
+            write_result(args.out, report, trained_record("the Rule 110 runs listed in runs"))
 
     write()
     done = {run_name(r["schedule"], r["passes"], r["seed"], r["control"]) for r in report["runs"]}
@@ -192,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for schedule, passes in PLAN:
             if run_name(schedule, passes, seed, False) not in done and wanted(f"{schedule}-n{passes}"):
-                write(run_one(base, schedule, passes, seed, args.steps, False, args.eval_per_t))
+                write(run_one(base, schedule, passes, seed, args.steps, False, args.eval_per_t, args.runs))
         if run_name("hard", 1, seed, True) not in done and wanted("control"):
             write()  # the N = 1 and N = 4 runs of this seed may come from another process
             seconds = {
@@ -201,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
                 if r["seed"] == seed and r["schedule"] == "hard" and not r["control"]
             }
             steps = round(args.steps * seconds[4] / seconds[1])
-            write(run_one(base, "hard", 1, seed, steps, True, args.eval_per_t))
+            write(run_one(base, "hard", 1, seed, steps, True, args.eval_per_t, args.runs))
     write()
     print(json.dumps(report["summary"], indent=2))
 

@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from bench.record import write_result
 from bench.stats import (
     RequestRecord,
     arrival_times,
@@ -459,14 +460,6 @@ def default_filename(result: BenchmarkResult | MultiTurnResult) -> str:
     return f"{config.label}-{rate}qps{conc}-{model}-{result.date}.json"
 
 
-def write_result(data: dict[str, Any], result_dir: str | Path, filename: str) -> Path:
-    """Write `data` as JSON to result_dir/filename; return the path."""
-    path = Path(result_dir) / filename
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    return path
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags (names follow `vllm bench serve`)."""
     p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
@@ -550,7 +543,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result = asyncio.run(run_requests(req_config))
         print(format_summary(result.summary, result.config, result.config.percentiles))
     data = result.to_dict(detailed=args.save_detailed)
-    path = write_result(data, args.result_dir, args.result_filename or default_filename(result))
+    path = Path(args.result_dir) / (args.result_filename or default_filename(result))
+    # the server under test may run any model: the harness records what it asked for
+    data = write_result(
+        path, data, {"weights": "served", "base_url": args.base_url, "model": result.config.model}
+    )
     print(f"Results written to {path}")
     return data
 

@@ -32,10 +32,10 @@ time (the first measured round) with each stream's window boundaries marked.
 
     python -m bench.sleep_overlap
     python -m bench.sleep_overlap --min-passes 1 --sleep-share 0.35 \
-        --out bench/results/sleep_overlap_server_defaults.json
-    python -m bench.sleep_overlap --device cuda --out bench/results/sleep_overlap_cuda.json
+        --out runs/sleep_overlap_server_defaults.json
+    python -m bench.sleep_overlap --device cuda --out runs/sleep_overlap_cuda.json
     python -m bench.sleep_overlap --sleep-worker process --sleeper-nice 19 \
-        --out bench/results/sleep_overlap_nice19.json
+        --out runs/sleep_overlap_nice19.json
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ import torch
 from bench.decode_scaling import machine
 from bench.models import random_model_config, save_random
 from bench.procs import http_server
+from bench.record import random_record, write_result
 from bench.serve import RequestConfig, run_requests
 from bench.stats import summarize
 from model.config import CONSTRUCTIONS
@@ -330,8 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         "lagged_zero_deadline_misses": product["deadline_misses"] == 0,
         "lagged_mean_passes_at_least_3": product["mean_passes"] >= 3,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    report = write_result(args.out, report, random_record(config))
     plot(report, args.out.with_suffix(".png"))
     print(json.dumps(report["floors"], indent=2))
     return report

@@ -5,21 +5,42 @@ median of `--repeats` calls). The model is sleep_overlap's: the shipped checkpoi
 random weights. N = 1 is a sleep's last pass alone (memory-only: it stops at the last gdn block's delta
 rule); each further N adds a full pass.
 
-    python -m bench.sleep_pass            # writes bench/results/sleep_pass.json
+    python -m bench.sleep_pass            # writes bench/results/sleep_pass.{json,png}
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from bench.decode_scaling import machine, sleep_costs
 from bench.models import random_model_config
+from bench.record import random_record, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, sessions in enumerate(sorted({r["sessions"] for r in rows})):
+        mine = [r for r in rows if r["sessions"] == sessions]
+        ax.plot([r["passes"] for r in mine], [r["sleep_ms"] for r in mine], "o-", color=f"C{i}",
+                label=f"{sessions} session(s): one sleep")  # fmt: skip
+        ax.axhline(
+            mine[0]["chunk_prefill_ms"], color=f"C{i}", linestyle=":", label=f"{sessions}: one prefill"
+        )
+    ax.set(xlabel="passes N", ylabel="ms (median)", title="What one sleep costs the decode thread")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['sessions']} session(s), N = {row['passes']}: {row['sleep_ms']:.2f} ms "
             f"(a prefill of the same chunks {row['chunk_prefill_ms']:.2f} ms)"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    report = write_result(args.out, report, random_record(config))
+    plot(rows, args.out.with_suffix(".png"))
     return report
 
 

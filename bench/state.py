@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 import uuid
@@ -27,12 +26,12 @@ from tqdm import tqdm
 from bench.decode_scaling import RESULTS, machine
 from bench.models import kv_cache_bytes, product_model
 from bench.procs import redis_server
+from bench.record import made_with, write_result
 from model.checkpoint import fingerprint
 from model.hybrid import HybridLM
 from model.session import feed, new_state, open_window
 from model.state import SessionState
-from server.chat import ChatHistory
-from server.sessions import pack_record, unpack_record
+from server.sessions import ChatHistory, pack_record, unpack_record
 from server.stores import SessionStore, open_store
 
 STORES = ("memory", "redis")
@@ -157,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "state_constant": len(sizes) == 1,
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result, made_with(source, model.config))
     plot(rows, args.stores, args.out.with_suffix(".png"))
     for r in rows:
         trips = ", ".join(f"{name} {r[name]['round_trip_ms']:.2f} ms" for name in args.stores)

@@ -1,7 +1,8 @@
-"""`make bench` / `sleepserve bench suite`: refresh bench/results in one run on one machine — decode
-scaling, session state, a sleep's cost, sleep overlap (served and engine-level) and the multi-turn comparison, sized to finish in
-under 10 minutes on 2 CPU cores. Each step writes its JSON (and a PNG where a picture helps); the multi-turn step
-prints whether each floor holds.
+"""`make bench` / `sleepserve bench suite`: refresh bench/results in one run on one machine — the steps of
+bench/registry.py marked `in_suite`: decode scaling, session state, a sleep's cost, sleep overlap (served
+and engine-level), the multi-turn comparison and the shipped model's accuracy, sized to finish in under
+10 minutes on 2 idle CPU cores. Each step writes its JSON (and a PNG where a picture helps); the
+multi-turn step prints whether each floor holds. `python -m bench.report` then renders the tables.
 
     python -m bench.suite                       # all steps
     python -m bench.suite --steps state         # some of them
@@ -10,26 +11,14 @@ prints whether each floor holds.
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
-from collections.abc import Callable
 
 import torch
 
-from bench import decode_scaling, engine_itl, multiturn, sleep_overlap, sleep_pass, state
+from bench.registry import BENCHMARKS
 
-NAMES = ("decode-scaling", "state", "sleep-pass", "sleep-overlap", "engine-itl", "multiturn")
-
-
-def steps(threads: int) -> dict[str, tuple[Callable[[list[str]], object], list[str]]]:
-    """name -> (its main, its arguments)."""
-    return {
-        "decode-scaling": (decode_scaling.main, []),
-        "state": (state.main, []),
-        "sleep-pass": (sleep_pass.main, []),
-        "sleep-overlap": (sleep_overlap.main, ["--threads", str(threads)]),
-        "engine-itl": (engine_itl.main, ["--threads", str(threads)]),
-        "multiturn": (multiturn.main, ["--disable-tqdm", "--threads", str(threads)]),
-    }
+NAMES = tuple(benchmark.name for benchmark in BENCHMARKS if benchmark.in_suite)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     took = {}
-    for name in args.steps:
-        run, step_args = steps(args.threads)[name]
-        print(f"==== bench {name} {' '.join(step_args)}".rstrip(), flush=True)
+    for benchmark in BENCHMARKS:
+        if benchmark.name not in args.steps:
+            continue
+        step_args = ["--threads", str(args.threads)] if benchmark.takes_threads else []
+        print(f"==== bench {benchmark.name} {' '.join(step_args)}".rstrip(), flush=True)
         start = time.perf_counter()
-        run(step_args)
-        took[name] = time.perf_counter() - start
+        importlib.import_module(benchmark.module).main(step_args)
+        took[benchmark.name] = time.perf_counter() - start
     print(
         "==== suite: "
         + ", ".join(f"{name} {s:.0f} s" for name, s in took.items())

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     for ax in (mix, depth):
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # no reproduction runs: an empty panel
+            ax.legend(fontsize=8)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)

@@ -58,7 +58,7 @@ class ModelConfig:
     # from the start, or the gradient never reaches the facts.
     gdn_dt_min: float = 1e-3
     gdn_dt_max: float = 1e-1
-    # The lagged construction this model was trained with (design.md). "re-prefill": at each boundary
+    # The lagged construction this model was trained with (docs/design.md). "re-prefill": at each boundary
     # the completed chunk is run once more from M_{j-1}, so its keys and values are pass 1 of its
     # sleep. "stale-kv": it keeps the keys and values of its own decoding and the fast weights restart
     # from the memory, so a boundary recomputes nothing; the completed chunk then reaches the network

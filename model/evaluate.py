@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model.cli_help import DefaultsHelpFormatter
 from model.hybrid import HybridLM
 from model.session import generate, new_state
 from model.tasks import Example, make_task
@@ -53,19 +54,27 @@ def greedy_answer(model: HybridLM, example: Example, passes: int | None = None) 
     return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="sleepserve eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sleepserve eval", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
+    )
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint folder")
     parser.add_argument(
         "--task", action="append", help="task name (default: the checkpoint's training tasks)"
     )
     parser.add_argument("--passes", type=int, nargs="+", help="sleep depths to evaluate (default: trained N)")
-    parser.add_argument("--per-difficulty", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
-    parser.add_argument("--answers", type=Path, help="also write greedy session-path answers (JSON lines)")
-    parser.add_argument("--answers-count", type=int, default=200)
-    parser.add_argument("--json", type=Path, help="write the accuracy table here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--per-difficulty", type=int, default=200, help="examples per difficulty")
+    parser.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="the held-out examples' seed")
+    parser.add_argument(
+        "--answers", type=Path, help="also write greedy session-path answers (JSON lines; default: not)"
+    )
+    parser.add_argument("--answers-count", type=int, default=200, help="answers written")
+    parser.add_argument("--json", type=Path, help="write the accuracy table here (default: print it only)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     model = load_checkpoint(args.checkpoint)

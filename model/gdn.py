@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from model.config import ModelConfig
 from model.gated_delta import gated_delta_chunk, gated_delta_recurrent
+from model.layers import wide
 
 # Up to this many tokens per call (decode steps, short prompt pieces) the per-token recurrence is
 # cheaper than the chunk-parallel form over a padded chunk (a one-off timing on 2 CPU cores: an
@@ -92,16 +93,14 @@ class GatedDeltaNet(nn.Module):
         qk, v = F.silu(qkv).split([2 * Hk * K, H * V], dim=-1)  # [B, T, ...]
         qk = qk.view(B, T, 2, Hk, K)
         if self.l2norm_eps:  # transformers' and fla's form, in float32
-            qk = qk.float() * torch.rsqrt(qk.float().pow(2).sum(-1, keepdim=True) + self.l2norm_eps)
+            qk = wide(qk) * torch.rsqrt(wide(qk).pow(2).sum(-1, keepdim=True) + self.l2norm_eps)
         else:
             qk = F.normalize(qk, dim=-1)
         q, k = qk.unbind(2)  # both in one go
         # The decay in float32: in half precision exp(A_log) may overflow.
-        g = -self.A_log.float().exp() * F.softplus(
-            self.decay_proj(x).float() + self.dt_bias
-        )  # [B, T, H] log α
+        g = -wide(self.A_log).exp() * F.softplus(wide(self.decay_proj(x)) + self.dt_bias)  # [B, T, H] log α
         beta = torch.sigmoid(self.beta_proj(x))  # [B, T, H]
-        return q, k, v.view(B, T, H, V), g, beta, mixed[:, T:].float()
+        return q, k, v.view(B, T, H, V), g, beta, wide(mixed[:, T:])
 
     def delta_rule(
         self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, fast: Tensor
@@ -111,11 +110,13 @@ class GatedDeltaNet(nn.Module):
         if self.key_heads != self.heads:  # value-head grouping: each q/k head serves consecutive v heads
             q, k = (x.repeat_interleave(self.heads // self.key_heads, dim=2) for x in (q, k))
         dtype = v.dtype
-        q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
-        if q.shape[1] <= RECURRENT_TOKENS:  # a few tokens: the recurrence is fewer ops than one chunk
-            o, fast = gated_delta_recurrent(q, k, v, g, beta, fast)
-        else:
-            o, fast = gated_delta_chunk(q, k, v, g, beta, fast, self.chunk_size)
+        q, k, v, beta = wide(q), wide(k), wide(v), wide(beta)
+        # Under autocast (bf16 training) the matmuls would run in bf16 and so would the state.
+        with torch.autocast(q.device.type, enabled=False):
+            if q.shape[1] <= RECURRENT_TOKENS:  # a few tokens: the recurrence is fewer ops than one chunk
+                o, fast = gated_delta_recurrent(q, k, v, g, beta, fast)
+            else:
+                o, fast = gated_delta_chunk(q, k, v, g, beta, fast, self.chunk_size)
         return o.to(dtype), fast
 
     def output(self, x: Tensor, o: Tensor) -> Tensor:

@@ -9,6 +9,12 @@ from torch import Tensor, nn
 from model.config import ModelConfig
 
 
+def wide(x: Tensor) -> Tensor:
+    """x in float32, or in float64 where it is (gradient checks): what norms, decays and the gdn state
+    are computed in, never less."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class ZeroCentredRMSNorm(nn.Module):
     """RMSNorm with weight (1 + w), w initialised to 0, computed in float32 (Qwen3.5's, and Gemma's).
     A plain `nn.RMSNorm` on these weights silently breaks the model."""
@@ -19,9 +25,9 @@ class ZeroCentredRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
+        h = wide(x)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)
+        return (h * (1.0 + wide(self.weight))).type_as(x)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:

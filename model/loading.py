@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from model.families import family_of
@@ -94,6 +96,28 @@ def load_model(
         model.head.weight = model.embed.weight
     model = model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, family.tokenizer(folder), family.NAME, str(folder))
+
+
+def save_model(model: HybridLM, source: str | Path, out: str | Path) -> None:
+    """Save `model`, loaded from (and trained on) the checkpoint `source`, as `source` is laid out: the
+    same tensor names in the same dtypes (in one file), those it skipped copied, the other files
+    (tokenizer, chat template, generation config) copied, and `config.json` recording the model's
+    sleep settings, which `load_model` then takes as its defaults."""
+    source, out = resolve(source), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = json.loads((source / "config.json").read_text())
+    family = family_of(raw)
+    ours = family.split(model.state_dict(), model.config)
+    tensors = {}
+    for name, original in read_weights(source):
+        mine = family.weight_name(name)
+        trained = original if mine is None else ours[mine]
+        tensors[name] = trained.detach().to("cpu", original.dtype).contiguous()
+    save_file(tensors, out / SINGLE)
+    for path in source.iterdir():
+        if path.is_file() and path.name not in ("config.json", INDEX) and path.suffix != ".safetensors":
+            shutil.copy2(path, out / path.name)
+    (out / "config.json").write_text(json.dumps(family.trained_config(raw, model.config), indent=2) + "\n")
 
 
 def resolve(path: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """A session's life on top of the model: feeding tokens, window boundaries, sleep, greedy decoding.
 
-The two schedules differ only in how much completed text attention keeps (design.md, Sleep):
+The two schedules differ only in how much completed text attention keeps (docs/design.md, Sleep):
 - `hard`: the window is the current chunk. When it fills, M_j = Sleep_N(M_{j-1}, chunk j) and the
   window empties.
 - `lagged` (re-prefill): the window is the previous chunk plus the current one, run from M_{j-2}.

@@ -11,6 +11,8 @@ Same seed ⇒ same initial weights and same data order for every N, so runs diff
 
     sleepserve train --task rule110 --passes 4 --schedule hard --steps 1000 --out runs/r110-n4
     python -m model.train --preset checkpoint --out checkpoints/sleepy-mix
+
+A pretrained checkpoint of any family is sleep-trained with `--init-from` (model/finetune.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model.checkpoint import save_checkpoint
+from model.cli_help import DefaultsHelpFormatter
 from model.config import CONSTRUCTIONS, ModelConfig
 from model.hybrid import HybridLM
 from model.tasks import Example, make_task
@@ -157,23 +161,36 @@ def evaluate(
 
 
 def make_optimizers(model: HybridLM, config: TrainConfig) -> list[torch.optim.Optimizer]:
-    """Muon for the 2-D weight matrices inside the blocks; AdamW for embeddings, head, norms, gates, convs."""
-    hidden = [p for name, p in model.named_parameters() if name.startswith("blocks.") and p.ndim == 2]
+    return muon_adamw(model, config.lr, config.lr)
+
+
+def muon_adamw(model: HybridLM, muon_lr: float, adamw_lr: float) -> list[torch.optim.Optimizer]:
+    """Muon for the 2-D weight matrices inside the blocks; AdamW for embeddings, head, norms, gates, convs.
+    Frozen parameters (requires_grad off) are left out, and so is an optimizer with none to train. Each
+    group keeps its own learning rate as "base_lr" for a schedule to scale."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for name, p in params if name.startswith("blocks.") and p.ndim == 2]
     hidden_ids = {id(p) for p in hidden}
-    rest = [p for p in model.parameters() if id(p) not in hidden_ids]
-    muon = torch.optim.Muon(hidden, lr=config.lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
-    adamw = torch.optim.AdamW(rest, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    return [muon, adamw]
+    rest = [p for _, p in params if id(p) not in hidden_ids]
+    optimizers: list[torch.optim.Optimizer] = []
+    if hidden:
+        optimizers.append(
+            torch.optim.Muon(hidden, lr=muon_lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+        )
+    if rest:
+        optimizers.append(torch.optim.AdamW(rest, lr=adamw_lr, betas=(0.9, 0.95), weight_decay=0.0))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio."""
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, progress))
-    )
+def lr_factor(step: int, warmup: int, steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to min_lr_ratio at `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train(config: TrainConfig, out: Path, resume: bool = False) -> HybridLM:
@@ -210,7 +227,7 @@ def train(config: TrainConfig, out: Path, resume: bool = False) -> HybridLM:
         tokens = tokens.to(config.device)
         bounds = chunk_bounds(tokens.shape[1], config.model.window, data_rng if variable else None)
         step_passes = data_rng.randint(*config.passes_range) if config.passes_range else passes
-        factor = lr_factor(step, config)
+        factor = lr_factor(step, config.warmup, config.steps, config.min_lr_ratio)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = config.lr * factor
@@ -308,23 +325,33 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
-def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
-    parser = argparse.ArgumentParser(prog="sleepserve train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="reproduce")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sleepserve train",
+        description=__doc__.split("\n\n")[0],
+        epilog="A pretrained checkpoint: sleepserve train --init-from PATH --help",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    preset = "(default: the preset's)"
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="reproduce", help="training recipe")
     parser.add_argument("--task", help="train on this one task (its default knobs) instead of the preset's")
-    parser.add_argument("--passes", type=int, help="sleep passes N")
-    parser.add_argument("--schedule", choices=["hard", "lagged"])
+    parser.add_argument("--passes", type=int, help=f"sleep passes N {preset}")
+    parser.add_argument("--schedule", choices=["hard", "lagged"], help=preset)
     parser.add_argument("--variable-chunks", action="store_true", help="chunk lengths drawn from [L/2, L]")
-    parser.add_argument("--lagged-construction", choices=CONSTRUCTIONS)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--eval-every", type=int)
-    parser.add_argument("--device", help="cpu, cuda, …")
+    parser.add_argument("--lagged-construction", choices=CONSTRUCTIONS, help=preset)
+    parser.add_argument("--steps", type=int, help=preset)
+    parser.add_argument("--batch-size", type=int, help=preset)
+    parser.add_argument("--lr", type=float, help=preset)
+    parser.add_argument("--seed", type=int, help=preset)
+    parser.add_argument("--eval-every", type=int, help=f"steps between evaluations {preset}")
+    parser.add_argument("--device", help=f"cpu, cuda, … {preset}")
     parser.add_argument("--out", type=Path, required=True, help="run folder: log, train state, checkpoint")
     parser.add_argument("--resume", action="store_true", help="continue from out/train_state.pt")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
+    args = build_parser().parse_args(argv)
     config = PRESETS[args.preset]
     changes = {
         name: getattr(args, name)
@@ -345,6 +372,12 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, Path, bool]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`sleepserve train`: the native demo from scratch, or (--init-from) a pretrained checkpoint."""
+    arguments = sys.argv[1:] if argv is None else argv
+    if any(a == "--init-from" or a.startswith("--init-from=") for a in arguments):
+        from model.finetune import main as finetune_main
+
+        return finetune_main(arguments)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     config, out, resume = parse_args(argv)
     train(config, out, resume)

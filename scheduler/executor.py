@@ -64,6 +64,7 @@ class SleepMetrics(Protocol):
     sleep_tokens: _Counter
     sleep_deadline_misses: _Counter
     sleep_rolling_passes: _LabelledCounter
+    sleeper_restarts: _Counter
 
 
 class Sleeper(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Literal, get_args
 
 from model.hybrid import HybridLM
@@ -16,6 +17,12 @@ from scheduler.thread import LocalSleeper, WorkerExecutor
 # "offload": interleaved, the passes handed to a child process while it keeps up.
 Isolation = Literal["thread", "process", "interleaved", "offload"]
 ISOLATIONS: tuple[str, ...] = get_args(Isolation)
+# The rolling batch of interleaved and offloaded sleep runs one pass over rows at different passes, so
+# every row must run the same blocks each pass: a model that loops only `sleep_blocks` runs whole
+# sleeps (`HybridLM.sleep`) instead, in this process or a child one.
+WHOLE_SLEEP = {"interleaved": "thread", "offload": "process"}
+
+log = logging.getLogger(__name__)
 
 
 def create_executor(
@@ -31,7 +38,16 @@ def create_executor(
     """The executor that runs sleeps the `isolation` way. `workers`: worker threads (thread, process);
     `nice`: how far below the server a sleeper process runs (process); `share`: the share of the decode
     thread's time a sleep's N is planned to take (interleaved, offload); `sleeper_cpus`: the CPUs a
-    sleeper process runs on (process, offload; None: where the server does). `kw`: `SleepExecutor`'s."""
+    sleeper process runs on (process, offload; None: where the server does). `kw`: `SleepExecutor`'s.
+    A model with `sleep_blocks` gets whole sleeps: thread for interleaved, process for offload."""
+    if isolation in WHOLE_SLEEP and model.config.sleep_blocks is not None:
+        log.warning(
+            "sleep_blocks %s loop in a sleep: %s sleep runs every block each pass, using %s instead",
+            model.config.sleep_blocks,
+            isolation,
+            WHOLE_SLEEP[isolation],
+        )
+        isolation = WHOLE_SLEEP[isolation]
     if nice and isolation != "process":
         raise ValueError("nice sets the priority of a sleeper process: it needs isolation='process'")
     if isolation == "interleaved":
@@ -39,9 +55,11 @@ def create_executor(
     if isolation == "offload":
         return OffloadExecutor(model, share=share, sleeper_cpus=sleeper_cpus, **kw)
     if isolation == "process":
+        metrics = kw.get("metrics")
+        restarted = metrics.sleeper_restarts.inc if metrics is not None else None
         return WorkerExecutor(
             model,
-            lambda: ProcessSleeper(model, nice, sleeper_cpus),
+            lambda: ProcessSleeper(model, nice, sleeper_cpus, on_restart=restarted),
             workers=workers,
             isolation=isolation,
             **kw,

@@ -4,7 +4,8 @@ time nobody else wants), its tensors in shared memory. The decode thread polls i
 runs a pass itself only where the child is late with it (`_helper_late`: longer than its passes of that
 shape take, or the deadline too close to wait), racing it: the first to finish ends the pass. Depth and
 pace are still planned as if the decode thread ran every pass, as it must when the child cannot keep
-up: the child only takes the work off it when a core is free."""
+up: the child only takes the work off it when a core is free. A child that dies is restarted (logged,
+and counted in `sleepserve_sleeper_restarts_total`), its pass run on the decode thread meanwhile."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from scheduler.process import ProcessSleeper
 
 log = logging.getLogger("sleepserve.scheduler")
 
+# Restarts of the helper without a pass answered in between, after which the decode thread runs every
+# pass itself (a child that cannot start, or dies on every pass, would otherwise be restarted forever).
+MOST_RESTARTS = 3
+
 
 @dataclass
 class _HelperPass:
@@ -29,6 +34,7 @@ class _HelperPass:
     rolling: RollingBatch
     sent: float
     alone_until: float
+    rows: int  # the batch's rows when it was sent (rows may leave before the helper answers)
     timed: bool = True
 
 
@@ -42,11 +48,14 @@ class OffloadExecutor(InterleavedExecutor):
 
     def __init__(self, model: HybridLM, *, sleeper_cpus: set[int] | None = None, **kw) -> None:
         super().__init__(model, **kw)
+        restarted = self.metrics.sleeper_restarts.inc if self.metrics is not None else None
         self._helper: ProcessSleeper | None = ProcessSleeper(
-            model, cpus=sleeper_cpus, idle=True, pass_rows=self.max_batch
+            model, cpus=sleeper_cpus, idle=True, pass_rows=self.max_batch, on_restart=restarted
         )
         self._helper_costs = PassCosts()  # the observed wall time of its passes
         self._at_helper: _HelperPass | None = None  # the pass it has
+        self._restarts = 0  # of the helper since it last answered a pass
+        self._fresh = True  # its first pass includes its start-up: not timed
 
     def reschedule(self, job: ConsolidationJob, deadline: float) -> None:
         """As `SleepExecutor.reschedule`, and how long the helper may keep its pass alone follows."""
@@ -76,10 +85,12 @@ class OffloadExecutor(InterleavedExecutor):
             if not self._helper.send_pass(rolling.h, rolling.fast, rolling.memory_only):
                 return False  # larger than the helper takes
         except Exception as exc:
-            self._stop_offloading(exc)
+            self._helper_failed(exc)
             return False
         sent = self.clock()
-        self._at_helper = _HelperPass(rolling, sent, self._alone_until(rolling, sent))
+        alone_until = self._alone_until(rolling, sent)
+        self._at_helper = _HelperPass(rolling, sent, alone_until, len(rolling.rows), timed=not self._fresh)
+        self._fresh = False
         return True
 
     def _alone_until(self, rolling: RollingBatch, sent: float) -> float:
@@ -99,7 +110,7 @@ class OffloadExecutor(InterleavedExecutor):
     def _collect(self) -> None:
         """Take the helper's pass once it is back. It ends the pass under way if that is still the one
         (the helper finished first); one that was finished here meanwhile, or dropped, is dropped. A
-        pass the helper failed is run here."""
+        pass the helper failed, or lost as it died (it is restarted), is run here."""
         at = self._at_helper
         if at is None:
             return
@@ -108,7 +119,9 @@ class OffloadExecutor(InterleavedExecutor):
         try:
             reply = self._helper.pass_reply()
         except Exception as exc:
-            self._stop_offloading(exc)
+            self._at_helper = None
+            if not self._helper.alive():
+                self._helper_failed(exc)
             if rolling.current is None:
                 rolling.current = self.model.pass_slices(
                     rolling.h, rolling.fast, memory_only=rolling.memory_only
@@ -116,9 +129,9 @@ class OffloadExecutor(InterleavedExecutor):
             return
         if reply is None:
             return
-        self._at_helper = None
+        self._at_helper, self._restarts = None, 0
         if at.timed:
-            self._helper_costs.observe(rolling.tokens, 1, self.clock() - at.sent, len(rolling.rows))
+            self._helper_costs.observe(rolling.tokens, 1, self.clock() - at.sent, at.rows)
         if self._rolling is rolling:
             self._end_pass(rolling, *reply)
 
@@ -127,10 +140,24 @@ class OffloadExecutor(InterleavedExecutor):
         it may (`_alone_until`)."""
         return self._at_helper is None or self.clock() > self._at_helper.alone_until
 
-    def _stop_offloading(self, exc: BaseException) -> None:
-        """The helper failed: the decode thread runs every pass from now on (interleaved)."""
-        log.error("the sleeper process failed (%r): sleep passes run on the decode thread from now on", exc)
-        self._close_helper()
+    def _helper_failed(self, exc: BaseException) -> None:
+        """The helper died or cannot be reached (`exc`): restart it (`ProcessSleeper.restart`), unless it
+        was restarted `MOST_RESTARTS` times without answering a pass since; then the decode thread runs
+        every pass from now on (interleaved)."""
+        assert self._helper is not None
+        self._at_helper = None
+        if self._restarts >= MOST_RESTARTS:
+            log.error(
+                "the sleeper process failed (%r) %d times in a row: sleep passes run on the decode thread "
+                "from now on",
+                exc,
+                self._restarts + 1,
+            )
+            self._close_helper()
+            return
+        self._restarts += 1
+        self._helper.restart()
+        self._fresh = True
 
     def _close_helper(self) -> None:
         """Stop the helper process (no more passes go to it)."""

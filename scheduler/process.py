@@ -16,9 +16,12 @@ import multiprocessing
 import os
 import platform
 import struct
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -52,11 +55,12 @@ def _pass_views(shared: Tensor, config: ModelConfig, rows: int, tokens: int) -> 
 class ProcessSleeper:
     """Runs `model.sleep` in a child process with a copy of the weights (CPU only), at `nice` below the
     server's priority, or with `idle` only on time no other thread wants (SCHED_IDLE), on `cpus` (None:
-    where the server runs). One call at a time; a child that dies is restarted and the call retried
-    once. With `pass_rows`, it also runs single passes of up to that many chunks of up to a window's
-    capacity without the caller waiting for them (`send_pass`, then `pass_reply`), for the offloading
-    executor (which runs them itself from then on if the child fails): their tensors cross in shared
-    memory, and the pipe carries a few bytes (pickled, a pass's 100 kB took 0.1-0.25 ms a way)."""
+    where the server runs). One call at a time; a child that dies is restarted (`restart`: logged, and
+    `on_restart` called, for a metric) and the call retried once. With `pass_rows`, it also runs single
+    passes of up to that many chunks of up to a window's capacity without the caller waiting for them
+    (`send_pass`, then `pass_reply`), for the offloading executor (which restarts a child that died):
+    their tensors cross in shared memory, and the pipe carries a few bytes (pickled, a pass's 100 kB
+    took 0.1-0.25 ms a way)."""
 
     def __init__(
         self,
@@ -65,27 +69,32 @@ class ProcessSleeper:
         cpus: set[int] | None = None,
         idle: bool = False,
         pass_rows: int = 0,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
         if model.device.type != "cpu":
             raise ValueError("the process sleeper runs on CPU; on CUDA use the thread sleeper (own stream)")
         if not 0 <= nice <= 19:
             raise ValueError(f"nice must lie in [0, 19], got {nice}")
-        self.nice, self.cpus, self.idle = nice, cpus, idle
+        self.nice, self.cpus, self.idle, self.on_restart = nice, cpus, idle, on_restart
         self.config = model.config
-        self._weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
         size = _pass_size(model.config, pass_rows, model.config.window_capacity)
         with torch.inference_mode(False):  # written in place from the decode thread's inference mode
             self._shared = torch.zeros(size).share_memory_()
+        # A child reads the weights from a file: handed through the pipe, they would make starting it
+        # wait until it has booted and read them (seconds), which a restart on the decode thread cannot
+        # afford; in shared memory, they would need a /dev/shm as large as the model.
+        self._folder = tempfile.TemporaryDirectory(prefix="sleepserve-sleeper-")
+        self._weights = Path(self._folder.name) / "weights.pt"
+        torch.save({name: t.detach() for name, t in model.state_dict().items()}, self._weights)
         self._lock = threading.Lock()
         self._start()
 
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")  # fork is unsafe in a process with threads
         self._conn, child = context.Pipe()
-        weights = {name: t.numpy() for name, t in self._weights.items()}
         self._process = context.Process(
             target=_serve_sleeps,
-            args=(child, self.config.to_dict(), weights, self._shared, self.nice, self.cpus, self.idle),
+            args=(child, self.config.to_dict(), self._weights, self._shared, self.nice, self.cpus, self.idle),
             name="sleepserve-sleeper",
             daemon=True,
         )
@@ -98,14 +107,25 @@ class ProcessSleeper:
             try:
                 reply = self._ask(request)
             except (EOFError, OSError):
-                log.warning("the sleeper process died (exit code %s); restarting it", self._process.exitcode)
-                self._conn.close()
-                self._process.join(timeout=5)
-                self._start()
+                self.restart()
                 reply = self._ask(request)
         if isinstance(reply, BaseException):
             raise reply
         return [torch.from_numpy(array) for array in reply]
+
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def restart(self) -> None:
+        """Replace the child, which died or cannot be reached, with a fresh one (a pass it had is lost)."""
+        if self._process.is_alive():  # unreachable: end it now, without waiting on the caller's thread
+            self._process.kill()
+        self._process.join(timeout=5)
+        log.warning("the sleeper process died (exit code %s); restarting it", self._process.exitcode)
+        self._conn.close()
+        self._start()
+        if self.on_restart is not None:
+            self.on_restart()
 
     def _ask(self, request: tuple) -> object:
         self._conn.send(request)
@@ -114,8 +134,8 @@ class ProcessSleeper:
     def send_pass(self, h: Tensor, fast: Memory, memory_only: bool) -> bool:
         """Start one pass (`HybridLM.pass_slices`'s arguments: h [B, T, d], the fast weights) in the child
         and return at once; False if it is larger than `pass_rows` chunks of a window's capacity. One
-        pass at a time: the next after `pass_reply` answered. Raises OSError where the child is gone (it
-        is not restarted)."""
+        pass at a time: the next after `pass_reply` answered. Raises OSError where the child is gone (the
+        caller restarts it)."""
         rows, tokens, _ = h.shape
         if _pass_size(self.config, rows, tokens) > self._shared.numel():
             return False
@@ -145,6 +165,7 @@ class ProcessSleeper:
         if self._process.is_alive():
             self._process.kill()
         self._conn.close()
+        self._folder.cleanup()
 
 
 # The kernel's shortest time slice (struct sched_attr's sched_runtime for SCHED_OTHER, Linux ≥ 6.12) and
@@ -175,7 +196,7 @@ def _background_priority(nice: int) -> None:
 def _serve_sleeps(
     conn: Connection,
     config: dict,
-    weights: dict,
+    weights: Path,
     shared: Tensor,
     nice: int,
     cpus: set[int] | None,
@@ -194,7 +215,7 @@ def _serve_sleeps(
         _background_priority(nice)
     model_config = ModelConfig.from_dict(config)
     model = HybridLM(model_config)
-    model.load_state_dict({name: torch.from_numpy(array) for name, array in weights.items()})
+    model.load_state_dict(torch.load(weights, weights_only=True))
     model.eval()
     while True:
         try:
@@ -220,4 +241,5 @@ def _serve_sleeps(
                         m.copy_(out)
                     conn.send((rows, tokens, time.perf_counter() - start))
         except Exception as exc:  # the parent raises it in the job's future, or runs the pass itself
-            conn.send(exc)
+            with contextlib.suppress(OSError):  # the server is gone: the next recv ends this loop
+                conn.send(exc)

@@ -67,9 +67,23 @@ def cas_put_args(expected_version: int | None, blob: bytes, owner: str | None, t
 
 
 def record_fields(fields: dict[bytes, bytes]) -> tuple[bytes, int, str | None]:
-    """(blob, version, owner) of a session hash read with HGETALL."""
-    owner = fields.get(b"owner")
-    return fields[b"blob"], int(fields[b"version"]), None if owner is None else owner.decode()
+    """(blob, version, owner) of a session hash read with HGETALL; ValueError when a field is missing
+    or unreadable (a hash damaged outside the server)."""
+    try:
+        blob, version, owner = fields[b"blob"], int(fields[b"version"]), fields.get(b"owner")
+        return blob, version, None if owner is None else owner.decode()
+    except (KeyError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ValueError(
+            f"damaged session hash (fields {sorted(f.decode(errors='replace') for f in fields)})"
+        ) from exc
+
+
+def readable_owner(fields: dict[bytes, bytes]) -> str | None:
+    """The owner tag of a session hash, None when it has none or it cannot be read."""
+    try:
+        return fields[b"owner"].decode()
+    except (KeyError, UnicodeDecodeError):
+        return None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ or a child process's (`scheduler.process.ProcessSleeper`)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -18,6 +19,8 @@ from torch import Tensor
 from model.hybrid import HybridLM
 from scheduler.executor import Memory, Sleeper, SleepExecutor, SleepResult
 from scheduler.jobs import ConsolidationJob
+
+log = logging.getLogger("sleepserve.scheduler")
 
 
 class LocalSleeper:
@@ -176,6 +179,12 @@ class WorkerExecutor(SleepExecutor):
         try:
             out = sleeper(*self._inputs(jobs), jobs[0].passes)
         except BaseException as exc:
-            self._fail(items, exc)
+            if len(items) == 1 or not isinstance(exc, Exception):
+                self._fail(items, exc)
+                return
+            # Not tied to a job: run each alone, so that only the one that fails again fails.
+            log.warning("a sleep batch of %d failed (%s): running its jobs one by one", len(items), exc)
+            for item in items:
+                self._run([item], sleeper)
             return
         self._publish(items, out, [self.clock() - start] * len(items))

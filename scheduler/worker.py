@@ -30,9 +30,10 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from model.checkpoint import DEFAULT_CHECKPOINT, fingerprint, load_checkpoint
+from model.cli_help import DefaultsHelpFormatter
 from model.hybrid import HybridLM
 from model.session import consolidate_all
-from model.state import SessionState, SessionStateError
+from model.state import SessionState, SessionStateError, StateSpec
 from scheduler.metrics import ConsolidationMetrics
 from scheduler.redis_state import RedisSessions, VersionConflict, split_record
 from scheduler.remote import DEFAULT_GROUP, DEFAULT_STREAM, RemoteJob, parse_job
@@ -163,7 +164,7 @@ class Worker:
             return self._ack(entry_id, "stale", f"{name}: the session moved on to v{stored.version}")
         header, blob = split_record(stored.blob)
         try:
-            state = SessionState.from_bytes(blob, self.fingerprint, self.model.config.schedule)
+            state = SessionState.from_bytes(blob, self.fingerprint, spec=StateSpec.of(self.model))
         except SessionStateError as exc:
             return self._ack(entry_id, "refused", f"{name}: refused: {exc}", logging.ERROR)
         if not state.tail:
@@ -206,19 +207,22 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"SLEEPSERVE_{name}", default)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sleepserve worker", description="Consolidate sessions parked in Redis (remote sleep jobs)."
+        prog="sleepserve worker",
+        description="Consolidate sessions parked in Redis (remote sleep jobs). Defaults come from the "
+        "server's SLEEPSERVE_* environment variables where it has one.",
+        formatter_class=DefaultsHelpFormatter,
     )
     add = parser.add_argument
     add("--checkpoint", default=_env("CHECKPOINT", str(DEFAULT_CHECKPOINT)), help="checkpoint folder")
-    add("--device", default=_env("DEVICE", "cpu"), help="torch device (default cpu)")
+    add("--device", default=_env("DEVICE", "cpu"), help="torch device")
     add(
         "--schedule",
         default=_env("SCHEDULE"),
         help="hard | lagged, as the server (default: the checkpoint's)",
     )
-    add("--store", default=_env("STORE"), help="redis://host:port/db (SLEEPSERVE_STORE)")
+    add("--store", default=_env("STORE"), help="redis://host:port/db (required; default: SLEEPSERVE_STORE)")
     add("--key-prefix", default="sleepserve:", help="the store's key prefix")
     add(
         "--session-ttl",
@@ -226,7 +230,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=float(_env("SESSION_TTL", str(7 * 24 * 3600))),
         help="idle TTL, s",
     )
-    add("--stream", default=DEFAULT_STREAM, help="job stream")
+    add(
+        "--stream",
+        default=_env("SLEEP_STREAM", DEFAULT_STREAM),
+        help="job stream, as the server's sleep_stream",
+    )
     add("--group", default=DEFAULT_GROUP, help="consumer group")
     add(
         "--consumer",
@@ -239,6 +247,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--max-deliveries", type=int, default=5, help="deliveries after which a job is dropped")
     add("--metrics-port", type=int, default=int(_env("PORT", "8000")), help="/metrics port (0: off)")
     add("--log-level", default=_env("LOG_LEVEL", "info"), help="debug | info | warning | error")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.store or not args.store.startswith(("redis://", "rediss://")):
         parser.error("--store (or SLEEPSERVE_STORE) must be a redis://host:port/db URL")
@@ -247,16 +260,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        model = load_checkpoint(args.checkpoint, args.device)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"sleepserve worker: {exc}", file=sys.stderr)
-        return 2
+def build_worker(args: argparse.Namespace) -> Worker:
+    """The worker of `parse_args`'s options; FileNotFoundError or ValueError where its checkpoint is
+    missing or cannot consolidate early."""
+    model = load_checkpoint(args.checkpoint, args.device)
     if args.schedule and args.schedule != model.config.schedule:
         model.config = model.config.replace(schedule=args.schedule)  # as the server does: same fingerprint
     client = redis.Redis.from_url(args.store, socket_connect_timeout=2.0, socket_timeout=10.0)
@@ -270,14 +277,22 @@ def main(argv: list[str] | None = None) -> int:
         max_deliveries=args.max_deliveries,
         pause_seconds=float(os.environ.get("SLEEPSERVE_WORKER_PAUSE_SECONDS", "0")),
     )
-    metrics = WorkerMetrics()
+    sessions = RedisSessions(client, args.session_ttl, args.key_prefix)
+    return Worker(model, client, sessions, options, WorkerMetrics())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
-        worker = Worker(
-            model, client, RedisSessions(client, args.session_ttl, args.key_prefix), options, metrics
-        )
-    except ValueError as exc:
+        worker = build_worker(args)
+    except (FileNotFoundError, ValueError) as exc:  # no checkpoint, or one that cannot consolidate early
         print(f"sleepserve worker: {exc}", file=sys.stderr)
         return 2
+    metrics = worker.metrics
+    assert metrics is not None
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=metrics.registry)
     stop = threading.Event()

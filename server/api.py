@@ -10,14 +10,15 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Path, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.convertors import Convertor, register_url_convertor
 
-from server.chat import ChatTurn, chat_turn, new_messages, render
+from server.chat import ChatTurn, chat_turn, render
 from server.context import Server
 from server.engine import SamplingParams
 from server.errors import APIError, bad_request
@@ -41,18 +42,19 @@ from server.schemas import (
     ModelCard,
     ModelList,
     SamplingRequest,
+    SessionId,
     SessionInfo,
     Usage,
 )
 from server.serving import Turn
-from server.sessions import Checkout, check_session_id
+from server.sessions import Checkout, message_hash, new_chat_messages
 from server.stores import StoreError
 
 if TYPE_CHECKING:
     from server.engine import Output, TurnStats
 
-MAX_IMPORT_BYTES = 256 << 20
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 409, 422, 429, 503)}
+IMPORT_PATH = "/v1/sessions/import"
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 422, 429, 500, 503)}
 
 
 def get_server(request: Request) -> Server:
@@ -80,7 +82,47 @@ def authenticate(request: Request) -> str | None:
 
 ServerDep = Annotated[Server, Depends(get_server)]
 Owner = Annotated[str | None, Depends(authenticate)]
-SessionHeader = Annotated[str | None, Header(alias="X-Session-ID", description="Continue this session.")]
+# Not `SessionId | None`: a header is absent or a string, and the schema must not offer null.
+SessionHeader = Annotated[SessionId, Header(alias="X-Session-ID", description="Continue this session.")]
+SessionPath = Annotated[SessionId, Path()]
+
+
+# The OpenAPI description of a route that answers JSON, or an SSE stream with `stream: true`.
+_STREAMED = {
+    200: {
+        "description": "The response, or with `stream: true` a server-sent event stream: `data: <chunk>` "
+        "events, then `data: [DONE]`.",
+        "content": {
+            "text/event-stream": {  # (Open API 3.1: the schema of one event)
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "event": {"type": "string"},
+                        "data": {"type": "string", "description": "A JSON chunk, or [DONE] at the end."},
+                    },
+                    "required": ["data"],
+                }
+            }
+        },
+    }
+}
+
+
+class _SessionSegment(Convertor[str]):
+    """A path segment that can be a session id: anything but `import`, so that the session routes never
+    answer for /v1/sessions/import (its other methods get 405, not a 400 about the id). Malformed ids
+    still reach the route, which answers 400 naming the format."""
+
+    regex = "(?!import$)[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("session", _SessionSegment())
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)], responses=_ERRORS)
@@ -94,7 +136,9 @@ async def list_models(server: ServerDep) -> ModelList:
     c = server.model.config
     card = ModelCard(
         id=server.model_name,
-        created=int(folder.stat().st_mtime) if (folder := Path(server.settings.model_path)).exists() else 0,
+        created=int(folder.stat().st_mtime)
+        if (folder := FilePath(server.settings.model_path)).exists()
+        else 0,
         max_model_len=server.settings.max_tokens,
         family=server.family,
         window=c.window,
@@ -105,13 +149,13 @@ async def list_models(server: ServerDep) -> ModelList:
     return ModelList(data=[card])
 
 
-@v1.post("/completions", response_model=CompletionResponse, tags=["openai"])
+@v1.post("/completions", response_model=CompletionResponse, tags=["openai"], responses=_STREAMED)
 async def completions(
     body: CompletionRequest,
     request: Request,
     server: ServerDep,
     owner: Owner,
-    x_session_id: SessionHeader = None,
+    x_session_id: SessionHeader = None,  # type: ignore[assignment]
 ) -> Response:
     """Text completion. With a session (`session_id` or `X-Session-ID`) the prompt continues its text.
 
@@ -137,19 +181,22 @@ async def completions(
     return await _respond(turn, request, body, _CompletionFormat(server, body, prompt, prompt_text))
 
 
-@v1.post("/chat/completions", response_model=ChatCompletionResponse, tags=["openai"])
+@v1.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    tags=["openai"],
+    responses=_STREAMED,
+)
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
     server: ServerDep,
     owner: Owner,
-    x_session_id: SessionHeader = None,
+    x_session_id: SessionHeader = None,  # type: ignore[assignment]
 ) -> Response:
     """Chat completion. With a session, send only the new messages or the whole history: the messages the
     session already consumed (its replies included) are recognised and skipped."""
     arrival = time.monotonic()
-    if not body.messages:
-        raise bad_request("messages must not be empty", "messages")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -159,9 +206,13 @@ async def chat_completions(
 
     def build_prompt(checkout: Checkout | None) -> tuple[list[int], ChatTurn | None]:
         if checkout is None:
-            return render(server.tokenizer, messages), None
-        new = messages[new_messages(messages, checkout.chat.messages) :]
-        return chat_turn(server.tokenizer, checkout.chat, new)
+            tokens, turn = render(server.tokenizer, messages), None
+        else:
+            start = new_chat_messages(body.messages, checkout.history)
+            hashes = [message_hash(m) for m in body.messages[start:]]
+            tokens, turn = chat_turn(server.tokenizer, checkout.history, messages[start:], hashes)
+        _check_prompt_size(len(tokens), server.settings.max_prompt_tokens, "messages")
+        return tokens, turn
 
     turn = await Turn.start(
         server.turns,
@@ -188,20 +239,20 @@ def _sampling(
             param="model",
             code="model_not_found",
         )
-    if body.n != 1:
-        raise bad_request("only n=1 is supported", "n")
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     cap = server.settings.max_tokens
-    if max_tokens is not None and max_tokens > cap:
-        raise bad_request(f"max_tokens must be at most {cap}, got {max_tokens}", "max_tokens")
+    for field in ("max_tokens", "max_completion_tokens"):  # each, even one that the other overrides
+        value = getattr(body, field, None)
+        if value is not None and value > cap:
+            raise bad_request(f"{field} must be at most {cap}, got {value}", field)
     return SamplingParams(
         max_tokens=cap if max_tokens is None else max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=max(body.top_k, 0),
-        seed=body.seed,
-        stop=tuple(body.stop or ()),
+        seed=None if body.seed is None else body.seed % 2**64,  # what torch.Generator takes
+        stop=body.stops(),
         stop_tokens=frozenset() if body.ignore_eos else server.tokenizer.eos_ids,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
@@ -210,24 +261,27 @@ def _sampling(
 
 def _completion_prompt(server: Server, prompt: str | list) -> tuple[list[int], str]:
     """The prompt's token ids and its text (what echo returns)."""
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # a list of prompts
-        if len(prompt) != 1:
-            raise bad_request("only one prompt per request is supported", "prompt")
-        prompt = prompt[0]
+    if isinstance(prompt, list) and not isinstance(prompt[0], int):
+        prompt = prompt[0]  # the schema allows exactly one
     tokens = server.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not tokens:
-        raise bad_request("prompt must not be empty", "prompt")
+    _check_prompt_size(len(tokens), server.settings.max_prompt_tokens, "prompt")
     vocab = server.tokenizer.vocab_size
     if any(not 0 <= t < vocab for t in tokens):
         raise bad_request(f"prompt token ids must lie in [0, {vocab})", "prompt")
     return tokens, prompt if isinstance(prompt, str) else server.tokenizer.decode(tokens)
 
 
+def _check_prompt_size(n_tokens: int, limit: int, param: str) -> None:
+    if n_tokens > limit:
+        raise bad_request(
+            f"the prompt has {n_tokens} tokens, more than this server's limit of {limit}", param
+        )
+
+
 def _session_id(body: SamplingRequest, header: str | None) -> str | None:
-    if body.session_id and header and body.session_id.lower() != header.lower():
-        raise bad_request("session_id in the body and the X-Session-ID header differ", "session_id")
-    chosen = body.session_id or header
-    return check_session_id(chosen) if chosen else None
+    """The body's session_id, else the header's: a client may set the header as a default for all its
+    requests and name another session in one request's body."""
+    return body.session_id or header
 
 
 # -- responses -------------------------------------------------------------------------------------
@@ -367,7 +421,10 @@ def _final_error(turn: Turn, out: Output) -> APIError | None:
         )
     if out.finish_reason == "error":
         return APIError(
-            500, "the model failed on this request; the session was left unchanged", type="server_error"
+            500,
+            f"{out.error or 'the model failed on this request'}; the session was left unchanged",
+            type="server_error",
+            code="model_error",
         )
     return turn.save_error
 
@@ -424,7 +481,8 @@ async def _info(server: Server, session_id: str, owner: str | None) -> SessionIn
 async def create_session(
     server: ServerDep, owner: Owner, body: CreateSessionRequest | None = None
 ) -> SessionInfo:
-    """Create an empty session (a random id, or a client-chosen one of 32 hex characters)."""
+    """Create an empty session (a random id, or a client-chosen one of 32 hex characters). 409: that
+    id exists."""
     session_id = await server.sessions.create(owner, body.session_id if body else None)
     return await _info(server, session_id, owner)
 
@@ -441,51 +499,48 @@ async def create_session(
     },
 )
 async def import_session(request: Request, server: ServerDep, owner: Owner) -> SessionInfo:
-    """Store an exported session blob under a new id. A blob of another model is refused (409)."""
-    blob = await request.body()
-    if len(blob) > MAX_IMPORT_BYTES:
-        raise APIError(413, f"session blob larger than {MAX_IMPORT_BYTES} bytes")
+    """Store an exported session blob under a new id, once every check passed: 409 for a blob of
+    another model, schedule or format version, 422 for a damaged, invalid or (with a signing key)
+    unsigned one. Larger than `max_import_bytes`: 413, the upload cut there."""
+    blob = await request.body()  # `BodyLimit` has bounded it
     session_id = await server.sessions.import_blob(blob, owner)
     return await _info(server, session_id, owner)
 
 
-@v1.get("/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
-async def get_session(session_id: str, server: ServerDep, owner: Owner) -> SessionInfo:
+@v1.get("/sessions/{session_id:session}", response_model=SessionInfo, tags=["sessions"])
+async def get_session(session_id: SessionPath, server: ServerDep, owner: Owner) -> SessionInfo:
     """Counters, window fill, schedule, version, state size and fast-weight statistics."""
-    return await _info(server, check_session_id(session_id), owner)
+    return await _info(server, session_id, owner)
 
 
-@v1.delete("/sessions/{session_id}", response_model=DeletedSession, tags=["sessions"])
-async def delete_session(session_id: str, server: ServerDep, owner: Owner) -> DeletedSession:
-    session_id = check_session_id(session_id)
+@v1.delete("/sessions/{session_id:session}", response_model=DeletedSession, tags=["sessions"])
+async def delete_session(session_id: SessionPath, server: ServerDep, owner: Owner) -> DeletedSession:
     await server.sessions.delete(session_id, owner)
     return DeletedSession(id=session_id)
 
 
-@v1.post("/sessions/{session_id}/consolidate", response_model=SessionInfo, tags=["sessions"])
-async def consolidate_session(session_id: str, server: ServerDep, owner: Owner) -> SessionInfo:
+@v1.post("/sessions/{session_id:session}/consolidate", response_model=SessionInfo, tags=["sessions"])
+async def consolidate_session(session_id: SessionPath, server: ServerDep, owner: Owner) -> SessionInfo:
     """Sleep on the session's unconsolidated tokens now (409 unless trained with variable chunks)."""
-    session_id = check_session_id(session_id)
     await server.sessions.consolidate(session_id, owner)
     return await _info(server, session_id, owner)
 
 
-@v1.post("/sessions/{session_id}/fork", response_model=SessionInfo, tags=["sessions"])
-async def fork_session(session_id: str, server: ServerDep, owner: Owner) -> SessionInfo:
+@v1.post("/sessions/{session_id:session}/fork", response_model=SessionInfo, tags=["sessions"])
+async def fork_session(session_id: SessionPath, server: ServerDep, owner: Owner) -> SessionInfo:
     """Copy the session to a new id; the two continue independently."""
-    fork_id = await server.sessions.fork(check_session_id(session_id), owner)
+    fork_id = await server.sessions.fork(session_id, owner)
     return await _info(server, fork_id, owner)
 
 
 @v1.get(
-    "/sessions/{session_id}/export",
+    "/sessions/{session_id:session}/export",
     tags=["sessions"],
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "The session blob."}},
 )
-async def export_session(session_id: str, server: ServerDep, owner: Owner) -> Response:
+async def export_session(session_id: SessionPath, server: ServerDep, owner: Owner) -> Response:
     """The session's state as its fixed-size safetensors blob."""
-    session_id = check_session_id(session_id)
     blob = await server.sessions.export(session_id, owner)
     disposition = f'attachment; filename="session-{session_id}.safetensors"'
     return Response(blob, media_type="application/octet-stream", headers={"Content-Disposition": disposition})

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from model.hybrid import HybridLM
-from server.api import router
+from server.api import IMPORT_PATH, router
 from server.context import Server, build_server
 from server.errors import install_error_handlers
+from server.limits import BodyLimit
 from server.settings import Settings
 
 log = logging.getLogger("sleepserve")
@@ -64,7 +65,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await server.turns.idle.close()
         await server.store.close()
         gc.unfreeze()  # an app made and dropped in one process (tests) leaves nothing uncollectable
-        log.info("engine stopped, sessions saved")
+        if server.store.backend == "memory":  # nothing outlives the process
+            log.info("engine stopped; the in-memory sessions end with the process")
+        else:
+            log.info("engine stopped, sessions saved to the %s store", server.store.backend)
 
 
 def create_app(
@@ -82,4 +86,32 @@ def create_app(
     app.state.server = build_server(settings, model, sleeper_cpus)
     install_error_handlers(app)
     app.include_router(router)
+    app.openapi = _served_openapi(app, app.state.server)  # type: ignore[method-assign]
+    app.add_middleware(
+        BodyLimit,
+        limit_for=lambda path: (
+            settings.max_import_bytes if path == IMPORT_PATH else settings.max_request_bytes
+        ),
+    )
     return app
+
+
+def _served_openapi(app: FastAPI, server: Server) -> Callable[[], dict]:
+    """`app.openapi` with this server's own limits in the schema: the model it serves, its cap on
+    max_tokens and the token ids its tokenizer knows (the request models cannot know them)."""
+    default = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schemas = default()["components"]["schemas"]
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                fields = schemas[name]["properties"]
+                fields["model"]["enum"] = [server.model_name]
+                for cap in ("max_tokens", "max_completion_tokens"):
+                    if cap in fields:
+                        fields[cap]["anyOf"][0]["maximum"] = server.settings.max_tokens
+            token_ids = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"][2]["items"]
+            token_ids["maximum"] = server.tokenizer.vocab_size - 1
+        return app.openapi_schema
+
+    return openapi

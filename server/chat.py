@@ -9,19 +9,23 @@ rewrites past turns, such as one that drops a reply's reasoning, a reply whose t
 tokenizer would encode its text, or a completion or an aborted turn in between), the new messages are
 rendered on their own and fed, and the session takes the rendering as its reference from then on.
 
-The messages themselves are kept (a template needs them all): the session record grows with the
-conversation's text, its state blob does not.
+The messages themselves are kept (a template needs them all), within the bound on a session's chat
+history (`history_limit` messages: past it the new messages are always rendered alone): the session
+record grows with the conversation's text, its state blob does not.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from jinja2 import TemplateError
 
-from server.errors import APIError, bad_request
+from server.errors import bad_request
+
+if TYPE_CHECKING:
+    from server.sessions import ChatHistory
 
 Message = tuple[str, str]  # (role, content), as chat templates take them
 
@@ -34,65 +38,30 @@ def token_digest(tokens: list[int]) -> str:
     return hashlib.sha256(b"".join(t.to_bytes(4, "little") for t in tokens)).hexdigest()
 
 
-@dataclass
-class ChatHistory:
-    """What a session consumed as chat: its messages, and the count and digest of the tokens they (with
-    the replies' own tokens) rendered to."""
-
-    messages: list[Message] = field(default_factory=list)
-    tokens: int = 0
-    digest: str = token_digest([])
-
-    def to_json(self) -> dict:
-        return {"messages": [list(m) for m in self.messages], "tokens": self.tokens, "digest": self.digest}
-
-    @classmethod
-    def from_json(cls, data: dict) -> ChatHistory:
-        return cls([(role, content) for role, content in data["messages"]], data["tokens"], data["digest"])
+EMPTY_DIGEST = token_digest([])
 
 
 @dataclass
 class ChatTurn:
-    """A chat request's new messages and the rendering of the whole conversation it feeds up to."""
+    """A chat request's new messages (and their hashes) and the rendering of the whole conversation it
+    feeds up to."""
 
     messages: list[Message]
+    hashes: list[str]
     rendered: list[int]
     exact: bool  # whether the tokens fed continue the session's own tokens as the template renders them
 
-    def record(self, history: ChatHistory, reply: str | None, reply_tokens: list[int]) -> None:
-        """Add this turn to `history`: its messages, the reply (None: no reply), the tokens consumed."""
-        history.messages += self.messages
-        if reply is not None:
-            history.messages.append(("assistant", reply))
+    def record(self, history: ChatHistory, reply: str | None, reply_tokens: list[int], keep: int) -> None:
+        """Add this turn's conversation to `history` (the hashes are `ChatHistory.add`'s): its messages,
+        the reply (None: no reply), the count and digest of the tokens consumed; past `keep` messages
+        the conversation is no longer kept."""
+        new = self.messages + ([("assistant", reply)] if reply is not None else [])
+        conversation = None if history.conversation is None else history.conversation + new
+        history.conversation = (
+            conversation if conversation is not None and len(conversation) <= keep else None
+        )
         consumed = self.rendered + reply_tokens
         history.tokens, history.digest = len(consumed), token_digest(consumed)
-
-
-def new_messages(messages: list[Message], history: list[Message]) -> int:
-    """Index of the first message the session has not consumed.
-
-    Either the request re-sends the consumed history (and adds to it), or it holds only new messages.
-    A request that starts like the history but departs from it contradicts the session: 409.
-    """
-    n = len(history)
-    if not history or messages[0] != history[0]:
-        return 0
-    if messages[:n] == history and len(messages) > n:
-        return n
-    differ = next((i for i, (a, b) in enumerate(zip(messages, history, strict=False)) if a != b), None)
-    if differ is None:
-        message = (
-            f"messages re-send the {n} messages this session consumed but add no new one"
-            if len(messages) == n
-            else f"messages re-send only {len(messages)} of the {n} messages this session consumed"
-        )
-    else:
-        message = (
-            f"messages[{differ}] ({messages[differ][0]}) differs from the message this session consumed at "
-            f"that position: the history contradicts the session (send only the new messages, or the history "
-            f"exactly as the session saw it, its replies included)"
-        )
-    raise APIError(409, message, param="messages", code="session_history_mismatch")
 
 
 def render(tokenizer: ChatTokenizer, messages: list[Message]) -> list[int]:
@@ -105,11 +74,15 @@ def render(tokenizer: ChatTokenizer, messages: list[Message]) -> list[int]:
 
 
 def chat_turn(
-    tokenizer: ChatTokenizer, history: ChatHistory, new: list[Message]
+    tokenizer: ChatTokenizer, history: ChatHistory, new: list[Message], hashes: list[str]
 ) -> tuple[list[int], ChatTurn]:
-    """The tokens a session with `history` feeds for the `new` messages, and the turn to record."""
-    rendered = render(tokenizer, [*history.messages, *new])
+    """The tokens a session with `history` feeds for the `new` messages (whose hashes are `hashes`),
+    and the turn to record."""
+    if history.conversation is None:  # too long to keep: the new messages alone, the rendering theirs
+        tokens = render(tokenizer, new)
+        return tokens, ChatTurn(new, hashes, tokens, exact=False)
+    rendered = render(tokenizer, [*history.conversation, *new])
     consumed = history.tokens
     if len(rendered) > consumed and token_digest(rendered[:consumed]) == history.digest:
-        return rendered[consumed:], ChatTurn(new, rendered, exact=True)
-    return render(tokenizer, new), ChatTurn(new, rendered, exact=False)
+        return rendered[consumed:], ChatTurn(new, hashes, rendered, exact=True)
+    return render(tokenizer, new), ChatTurn(new, hashes, rendered, exact=False)

@@ -8,9 +8,11 @@ import importlib
 import logging
 import math
 import os
+import platform
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from importlib.metadata import version as package_version
 
 import torch
 import uvicorn
@@ -31,14 +33,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # serve flags: (flag, Settings field, type, help). CLI values override SLEEPSERVE_* environment variables.
+# `serve --help` appends each field's default from Settings; a help text says what an unset (None)
+# field means itself.
 SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
-    ("--host", "host", str, "bind address (default 0.0.0.0)"),
-    ("--port", "port", int, "port (default 8000)"),
+    ("--host", "host", str, "bind address"),
+    ("--port", "port", int, "port"),
     ("--model", "model", str, "checkpoint folder or Hugging Face hub id (default: the shipped demo)"),
-    ("--checkpoint", "checkpoint", str, "a native checkpoint folder (the older name of --model)"),
+    (
+        "--checkpoint",
+        "checkpoint",
+        str,
+        "a checkpoint folder: the older name of --model (default: the shipped demo)",
+    ),
     ("--served-model-name", "served_model_name", str, "model id clients send (default: the folder's name)"),
-    ("--dtype", "dtype", str, "weights' dtype: float32 (default on CPU) | bfloat16 | float16"),
-    ("--device", "device", str, "torch device (default cpu)"),
+    ("--dtype", "dtype", str, "weights' dtype: float32 | bfloat16 | float16 (default: float32 on CPU)"),
+    ("--device", "device", str, "torch device"),
     ("--store", "store", str, "session store: memory | redis://host:port/db"),
     ("--window", "window", int, "sleep window L in tokens (default: the checkpoint's or its family's)"),
     ("--schedule", "schedule", str, "hard | lagged (default: the checkpoint's)"),
@@ -46,27 +55,33 @@ SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
         "--sleep-blocks",
         "sleep_blocks",
         str,
-        "FIRST:LAST: the blocks [FIRST, LAST) that loop in a sleep (default all)",
+        "FIRST:LAST: the blocks [FIRST, LAST) that loop in a sleep (default: all)",
     ),
-    ("--sleep-mode", "sleep_mode", str, "background (off the decode path, default) | inline"),
+    ("--sleep-mode", "sleep_mode", str, "background (off the decode path) | inline"),
     (
         "--sleep-worker",
         "sleep_worker",
         str,
-        "auto (default) | thread | process | interleaved | offload: where background sleep runs",
+        "auto | thread | process | interleaved | offload: where background sleep runs",
     ),
     (
         "--sleep-share",
         "sleep_share",
         float,
-        "interleaved, offload: share of the decode thread's time N is planned for (0.35)",
+        "interleaved, offload: share of the decode thread's time N is planned for",
     ),
-    ("--sleeper-nice", "sleeper_nice", int, "nice value of the sleeper process, 0 (default) to 19"),
+    ("--sleeper-nice", "sleeper_nice", int, "nice value of the sleeper process, 0 to 19"),
+    (
+        "--torch-threads",
+        "torch_threads",
+        int,
+        "torch threads (default: OMP_NUM_THREADS where set, else 1)",
+    ),
     (
         "--cpu-affinity",
         "cpu_affinity",
         str,
-        "auto (default) | none | CPU ids: where the server's threads run",
+        "auto | none | CPU ids: where the server's threads run",
     ),
     (
         "--sleep-passes",
@@ -75,29 +90,74 @@ SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
         "sleep passes N, or auto: adaptive in [min, max] (default: the checkpoint's N)",
     ),
     ("--sleep-batch-wait", "sleep_batch_wait", float, "seconds a sleep may wait for others to batch with"),
-    ("--idle-consolidation", "idle_consolidation", float, "consolidate a session idle this many seconds"),
+    (
+        "--idle-consolidation",
+        "idle_consolidation",
+        float,
+        "consolidate a session idle this many seconds (default: off)",
+    ),
     ("--idle-worker", "idle_worker", str, "local | remote (sleepserve worker, via the Redis Stream)"),
     ("--min-passes", "min_passes", int, "smallest N"),
     ("--max-passes", "max_passes", int, "largest N"),
     ("--max-waiting", "max_waiting", int, "waiting requests before 429"),
     ("--max-running", "max_running", int, "sequences decoded per batch"),
-    ("--prefill-chunk", "prefill_chunk", int, "prompt tokens fed per engine iteration"),
+    ("--prefill-chunk", "prefill_chunk", int, "prompt tokens fed per engine iteration (default: 4 windows)"),
     ("--max-tokens", "max_tokens", int, "cap on a request's max_tokens"),
     ("--request-timeout", "request_timeout", float, "seconds a request may take"),
     ("--session-ttl", "session_ttl", float, "idle seconds before a session expires"),
     ("--shutdown-timeout", "shutdown_timeout", float, "seconds running streams get on shutdown"),
-    ("--api-keys", "api_keys", str, "comma-separated API keys (prefer SLEEPSERVE_API_KEYS)"),
+    (
+        "--api-keys",
+        "api_keys",
+        str,
+        "comma-separated API keys (prefer SLEEPSERVE_API_KEYS; default: none, no auth)",
+    ),
     ("--log-level", "log_level", str, "debug | info | warning | error"),
 ]
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sleepserve serve",
+        description="Serve the OpenAI-compatible API. Every flag can also be set as an environment "
+        "variable: --sleep-share as SLEEPSERVE_SLEEP_SHARE; flags win.",
+    )
+    for flag, dest, kind, help_text in SERVE_FLAGS:
+        default = Settings.model_fields[dest].get_default(call_default_factory=True)
+        shown = help_text if default in (None, []) else f"{help_text} (default: {default})"
+        parser.add_argument(flag, dest=dest, type=kind, default=None, help=shown.replace("%", "%%"))
+    return parser
+
+
 def settings_from_args(argv: list[str]) -> Settings:
     """Settings from the environment, overridden by the serve flags given."""
-    parser = argparse.ArgumentParser(prog="sleepserve serve", description="Serve the OpenAI-compatible API.")
-    for flag, dest, kind, help_text in SERVE_FLAGS:
-        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
-    args = parser.parse_args(argv)
+    args = serve_parser().parse_args(argv)
     return Settings(**{k: v for k, v in vars(args).items() if v is not None})
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """Pydantic's errors as one line per setting, named as flag and environment variable."""
+    flags = {dest: flag for flag, dest, _, _ in SERVE_FLAGS}
+    problems: dict[str, list[str]] = {}
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        message = error["msg"].removeprefix("Value error, ")
+        if field:
+            message = f"{message} (got {error['input']!r})"
+        problems.setdefault(field, []).append(message)
+    lines = []
+    for field, messages in problems.items():
+        name = f"{flags.get(field, field)} / SLEEPSERVE_{field.upper()}: " if field else ""
+        lines.append(f"  {name}{'; or '.join(messages)}")
+    return "\n".join(lines)
+
+
+def torch_threads(settings: Settings, environ: Mapping[str, str]) -> int:
+    """The torch thread count to serve with (`Settings.torch_threads`)."""
+    if settings.torch_threads is not None:
+        return settings.torch_threads
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    return int(omp) if omp.isdigit() and int(omp) > 0 else 1
 
 
 def server_cpus(settings: Settings, allowed: set[int], torch_threads: int) -> set[int] | None:
@@ -131,12 +191,14 @@ def serve(argv: list[str]) -> int:
     try:
         settings = settings_from_args(argv)
     except ValidationError as exc:
-        print(f"sleepserve: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"sleepserve: invalid settings:\n{describe_invalid(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
+    torch.set_num_threads(torch_threads(settings, os.environ))  # before any thread starts
+    logging.getLogger("sleepserve").info("torch threads: %d", torch.get_num_threads())
     try:
         allowed = os.sched_getaffinity(0)
         cpus = server_cpus(settings, allowed, torch.get_num_threads())
@@ -193,7 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"serve": "serve the OpenAI-compatible API", **{k: v[1] for k, v in COMMANDS.items()}}
     listing = "\n".join(f"  {name:8} {text}" for name, text in commands.items())
-    usage = f"usage: sleepserve {{{','.join(commands)}}} [options]\n\n{listing}"
+    usage = (
+        f"usage: sleepserve {{{','.join(commands)}}} [options]  (sleepserve COMMAND --help: its options)\n"
+        f"       sleepserve --version\n\n{listing}"
+    )
+    if argv and argv[0] in ("-V", "--version"):
+        print(
+            f"sleepserve {package_version('sleepserve')} (torch {torch.__version__}, Python {platform.python_version()})"
+        )
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2

@@ -129,6 +129,10 @@ def build_server(
         passes=passes,
         lease_ttl=settings.session_lease_ttl,
         lease_wait=settings.session_lease_wait,
+        history_limit=settings.session_history_messages,
+        signing_key=settings.session_signing_key.get_secret_value().encode()
+        if settings.session_signing_key
+        else None,
     )
     idle = None
     if settings.idle_consolidation is not None:

@@ -28,8 +28,14 @@ never waits for another session's sleep:
   sleep blocks the sequence (a counted deadline miss and a decode stall), never the others.
 
 Finish reasons: `stop` (EOS, a stop token or a stop string), `length` (max_tokens), `abort` (client
-gone or server shutdown), `timeout` (request_timeout passed), `error` (the model raised; the session
-must not be saved).
+gone or server shutdown), `timeout` (request_timeout passed), `error` (the model failed on this
+sequence; the session must not be saved).
+
+Containment: a failure tied to one sequence (its window does not open, its logits are not finite, its
+sampling or its sleep raises) finishes that sequence alone with `error`. A batched model call that
+raises is run again row by row, so that only the rows that fail again end (`_decode_apart`,
+`_prefill_group`, `_reopen_windows`); the others go on as if nothing happened. A background sleep batch
+that raises is retried job by job the same way (`scheduler/thread.py`).
 """
 
 from __future__ import annotations
@@ -151,6 +157,7 @@ class Output:
     prompt_complete: bool = True  # False when the request ended before its whole prompt was fed
     reply: str = ""  # the last output: the whole generated text
     reply_tokens: list[int] = field(default_factory=list)  # the last output: the generated ids fed
+    error: str = ""  # finish_reason "error": what failed
 
 
 class RequestHandle:
@@ -193,12 +200,15 @@ class Sequence:
     deadline: float = float("inf")
     cache: WindowCache | None = None
     logits: Tensor | None = None  # after the last fed token
-    to_feed: list[int] = field(default_factory=list)  # prompt tokens not fed yet
+    fed: int = 0  # prompt tokens fed so far (an offset, so that a slice never copies the rest)
     pending: list[int] = field(default_factory=list)  # sampled tokens not fed yet
     generated: list[int] = field(default_factory=list)
     text: str = ""  # generated text so far (cut before a stop string)
     sent: int = 0  # characters of `text` already emitted
+    stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
     finish_reason: str | None = None
+    error: str = ""
+    done: bool = False  # its last output is out
     stats: TurnStats = field(default_factory=TurnStats)
     generator: torch.Generator | None = None
     decoder: TextStream = field(default_factory=StreamDecoder)  # the model's tokenizer's (`submit`)
@@ -214,12 +224,21 @@ class Sequence:
     def state(self) -> SessionState:
         return self.request.state
 
+    @property
+    def to_feed(self) -> int:
+        """Prompt tokens not fed yet."""
+        return len(self.request.prompt) - self.fed
+
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from logits [vocab]: argmax at temperature 0, else top-k / top-p sampling."""
+    """One token id from finite logits [vocab]: argmax at temperature 0, else top-k / top-p sampling.
+    Safe at any temperature > 0: the logits are shifted to a maximum of 0 before the division, so they
+    scale to [-inf, 0] and the likeliest token keeps probability > 0; a temperature below float32's
+    smallest normal number (which float32 would round to 0) divides as that number, greedy either way."""
     if params.temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    logits = (logits - logits.max()) / max(params.temperature, _FLOAT32_TINY)
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -231,12 +250,53 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
-def _stop_overlap(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that could still grow into a stop string."""
-    return max(
-        (k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:k])),
-        default=0,
-    )
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
+class StopMatcher:
+    """Finds stop strings in text that arrives piece by piece, in time linear in the text: one
+    Knuth-Morris-Pratt automaton per stop string, each in the state "the longest prefix of the stop
+    string that the text ends with"."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.fallback = [_prefix_function(stop) for stop in stops]
+        self.matched = [0] * len(stops)
+
+    def feed(self, piece: str, offset: int) -> int | None:
+        """Feed `piece`, which starts at `offset` of the text: where the first stop string to complete
+        begins (the longest, when several complete at one character), or None."""
+        for i, char in enumerate(piece):
+            longest = 0
+            for j, stop in enumerate(self.stops):
+                k = self.matched[j]
+                while k and stop[k] != char:
+                    k = self.fallback[j][k - 1]
+                k += stop[k] == char
+                if k == len(stop):
+                    longest = max(longest, k)
+                    k = self.fallback[j][k - 1]  # the automaton stays usable past a match
+                self.matched[j] = k
+            if longest:
+                return offset + i + 1 - longest
+        return None
+
+    @property
+    def partial(self) -> int:
+        """Characters at the end of the text that may still grow into a stop string."""
+        return max(self.matched, default=0)
+
+
+def _prefix_function(pattern: str) -> list[int]:
+    """KMP: for each prefix of `pattern`, the length of its longest proper border."""
+    border = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = border[k - 1]
+        k += pattern[i] == pattern[k]
+        border[i] = k
+    return border
 
 
 class Engine:
@@ -293,10 +353,13 @@ class Engine:
         """Queue a request; raises QueueFull past `max_waiting`, EngineClosed while shutting down."""
         if not request.prompt:
             raise ValueError("a request needs at least one prompt token")
+        vocab = self.model.config.vocab_size
+        if not all(0 <= t < vocab for t in request.prompt):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         seq = Sequence(f"{next(self._ids)}-{secrets.token_hex(4)}", request, asyncio.get_running_loop())
         seq.handle = RequestHandle(self, seq)
         seq.decoder = self.tokenizer.stream_decoder()
-        seq.to_feed = list(request.prompt)
+        seq.stops = StopMatcher(request.params.stop)
         if request.timeout is not None:
             seq.deadline = request.arrival + request.timeout
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
@@ -396,8 +459,12 @@ class Engine:
         while self.waiting and len(self.running) < self.max_running:
             with self._wake:
                 seq = self.waiting.popleft()
-            self.running.append(seq)  # first: should the window fail to open, the request fails visibly
-            seq.cache, seq.logits = open_window(self.model, seq.state)
+            self.running.append(seq)
+            try:
+                seq.cache, seq.logits = open_window(self.model, seq.state)
+            except Exception as exc:
+                self._fail(seq, "its session's window could not be rebuilt", exc)
+                continue
             if self.executor is not None and seq.state.prev_len:
                 self._start_sleeps([seq])  # a resumed lagged session: its previous chunk is not slept yet
 
@@ -408,28 +475,45 @@ class Engine:
         budget, groups = self.prefill_chunk, {}
         for seq in self.running:
             if budget and seq.to_feed and seq.blocked_since is None:
-                n = min(budget, room_in_chunk(self.model, seq.state), len(seq.to_feed))
+                n = min(budget, room_in_chunk(self.model, seq.state), seq.to_feed)
                 groups.setdefault(n, []).append(seq)
                 budget -= n
         for n, group in groups.items():
-            window = WindowCache.stack([seq.cache for seq in group]) if len(group) > 1 else group[0].cache
-            pieces = [seq.to_feed[:n] for seq in group]
-            logits, window = self.model.extend(torch.tensor(pieces, device=self.model.device), window)
-            at_boundary = []
-            for row, (seq, piece) in enumerate(zip(group, pieces, strict=True)):
-                if seq.request.params.prompt_logprobs is not None:
-                    self._score_prompt(seq, piece, logits[row])
-                seq.cache = window.select([row]) if len(group) > 1 else window
-                seq.to_feed = seq.to_feed[n:]
-                seq.stats.prompt_tokens += n
-                if not self._advance(seq, piece, logits[row, -1]):
-                    at_boundary.append(seq)
-            self.metrics.prompt_tokens.inc(n * len(group))
-            self._consolidate(at_boundary)
-            for seq in group:
-                if not seq.to_feed and seq.blocked_since is None:
-                    self._prompt_fed(seq)
+            self._prefill_group(group, n)
         return self.prefill_chunk - budget
+
+    def _prefill_group(self, group: list[Sequence], n: int) -> None:
+        """Feed the next n prompt tokens of each of `group` as one batch; should that fail, each alone."""
+        window = WindowCache.stack([seq.cache for seq in group]) if len(group) > 1 else group[0].cache
+        pieces = [seq.request.prompt[seq.fed : seq.fed + n] for seq in group]
+        try:
+            logits, window = self.model.extend(torch.tensor(pieces, device=self.model.device), window)
+        except Exception as exc:
+            if len(group) == 1:
+                self._fail(group[0], "the model failed on its prompt", exc)
+                return
+            log.warning("a prefill batch of %d failed (%s): running its rows one by one", len(group), exc)
+            for seq in group:
+                self._prefill_group([seq], n)
+            return
+        at_boundary = []
+        finite = _finite_rows(logits[:, -1])
+        for row, (seq, piece) in enumerate(zip(group, pieces, strict=True)):
+            if not finite[row]:
+                self._fail(seq, "the model produced non-finite logits for this request")
+                continue
+            if seq.request.params.prompt_logprobs is not None:
+                self._score_prompt(seq, piece, logits[row])
+            seq.cache = window.select([row]) if len(group) > 1 else window
+            seq.fed += n
+            seq.stats.prompt_tokens += n
+            if not self._advance(seq, piece, logits[row, -1]):
+                at_boundary.append(seq)
+        self.metrics.prompt_tokens.inc(n * len(group))
+        self._consolidate(at_boundary)
+        for seq in group:
+            if not seq.to_feed and seq.blocked_since is None and not seq.done:
+                self._prompt_fed(seq)
 
     def _score_prompt(self, seq: Sequence, piece: list[int], logits: Tensor) -> None:
         """The log-probabilities of a prompt piece: its first token after the logits that preceded it
@@ -450,7 +534,14 @@ class Engine:
             return 0
         rows = list(self._rows)
         tokens = torch.tensor([[seq.pending[0]] for seq in rows], device=self.model.device)
-        logits, self._cache = self.model.extend(tokens, self._cache)
+        try:
+            logits, self._cache = self.model.extend(tokens, self._cache)
+            outputs: list[Tensor | None] = list(logits[:, -1])
+            finite = _finite_rows(logits[:, -1])
+        except Exception as exc:
+            log.warning("a decode batch of %d failed (%s): running its rows one by one", len(rows), exc)
+            outputs = self._decode_apart(rows)
+            finite = [out is None or _finite_rows(out[None])[0] for out in outputs]
         decoded = self._decode_clock()
         if self._last_decode is not None:
             self._rate.observe(decoded - self._last_decode)
@@ -458,8 +549,13 @@ class Engine:
         self.max_batch = max(self.max_batch, len(rows))
         self.metrics.decode_batch_size.observe(len(rows))
         at_boundary = []
-        for row, seq in enumerate(rows):
-            room = self._advance(seq, [seq.pending.pop(0)], logits[row, -1])
+        for seq, out, ok in zip(rows, outputs, finite, strict=True):
+            if out is None:
+                continue  # failed alone (`_decode_apart`)
+            if not ok:
+                self._fail(seq, "the model produced non-finite logits for this request")
+                continue
+            room = self._advance(seq, [seq.pending.pop(0)], out)
             if not room:
                 at_boundary.append(seq)
             elif seq.sleep is not None and room & (room - 1) == 0:
@@ -475,6 +571,30 @@ class Engine:
             if seq.finish_reason is not None and not seq.pending and seq.blocked_since is None:
                 self._finish(seq, seq.finish_reason)
         return len(rows)
+
+    def _decode_apart(self, rows: list[Sequence]) -> list[Tensor | None]:
+        """After a batched decode step raised: step each row alone, failing those that raise again.
+        Returns each row's logits (None: failed). The batch is dissolved (each sequence holds its own
+        window again) and re-stacked at the next step."""
+        outputs: list[Tensor | None] = []
+        for row, seq in enumerate(rows):
+            seq.cache = self._cache.select([row])
+            token = torch.tensor([[seq.pending[0]]], device=self.model.device)
+            try:
+                logits, seq.cache = self.model.extend(token, seq.cache)
+                outputs.append(logits[0, -1])
+            except Exception as exc:
+                self._fail(seq, "the model failed on this request", exc)
+                outputs.append(None)
+        self._rows, self._cache = [], None
+        return outputs
+
+    def _fail(self, seq: Sequence, message: str, exc: BaseException | None = None) -> None:
+        """Finish one sequence with an error, its session unsaved; the others run on."""
+        log.error("request %s failed: %s%s", seq.id, message, f" ({exc!r})" if exc else "")
+        seq.error = message
+        seq.blocked_since = None  # its session is not saved: nothing to settle
+        self._finish(seq, "error")
 
     def _sleep_turn(self) -> None:
         """Interleaved sleep's slices of this thread's time, once a step: right after the model's decode
@@ -535,7 +655,10 @@ class Engine:
         """The current chunk of each of `seqs` is full."""
         if self.executor is None:
             for seq in seqs:
-                self._consolidate_inline(seq)
+                try:
+                    self._consolidate_inline(seq)
+                except Exception as exc:
+                    self._fail(seq, "its sleep failed", exc)
             return
         hard = self.model.config.schedule == "hard"
         starting, crossing = [], []
@@ -623,6 +746,8 @@ class Engine:
             self._unblock(seq)
         self._cross(done)
         for seq in done:
+            if seq.done:  # its sleep failed
+                continue
             if seq.finish_reason is not None and not seq.pending:
                 self._finish(seq, seq.finish_reason)
             elif not seq.to_feed and not seq.pending:  # its prompt ended at the boundary
@@ -641,23 +766,45 @@ class Engine:
             return
         lagged = self.model.config.schedule == "lagged"
         assert self.executor is not None
+        crossing = []
         for seq in seqs:
             assert seq.sleep is not None
-            result, seq.sleep = self.executor.result(seq.sleep.future), None
+            try:
+                result, seq.sleep = self.executor.result(seq.sleep.future), None
+            except Exception as exc:
+                seq.sleep = None
+                self._fail(seq, "its sleep failed", exc)
+                continue
+            crossing.append(seq)
             state = seq.state
             n_tokens = state.prev_len if lagged else len(state.tail)
             apply_sleep(state, result.memory, n_tokens, result.passes, result.seconds)
             self._count_sleep(seq, n_tokens, result.passes, result.seconds)
             if lagged:
                 state.prev_len = len(state.tail)  # the chunk that just completed stays visible
+        if not crossing:
+            return
         if self.model.config.stale_kv:
-            self._move_stale_windows(seqs)
+            self._move_stale_windows(crossing)
         else:
-            states = [s.state for s in seqs]
-            for seq, (window, row) in zip(seqs, open_windows(self.model, states), strict=True):
-                self._install(seq, window, row)
+            crossing = self._reopen_windows(crossing)
         if lagged:
-            self._start_sleeps(seqs)  # on the chunks that just completed
+            self._start_sleeps(crossing)  # on the chunks that just completed
+
+    def _reopen_windows(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Rebuild the windows of `seqs` from their new memory, in batches; should that fail, each alone.
+        Returns the sequences that go on."""
+        try:
+            windows = open_windows(self.model, [seq.state for seq in seqs])
+        except Exception as exc:
+            if len(seqs) == 1:
+                self._fail(seqs[0], "its window could not be rebuilt after its sleep", exc)
+                return []
+            log.warning("rebuilding %d windows failed (%s): one by one", len(seqs), exc)
+            return [kept for seq in seqs for kept in self._reopen_windows([seq])]
+        for seq, (window, row) in zip(seqs, windows, strict=True):
+            self._install(seq, window, row)
+        return seqs
 
     def _move_stale_windows(self, seqs: list[Sequence]) -> None:
         """stale-kv's boundary for `seqs`, whose sleeps were just swapped in: each window keeps its
@@ -708,7 +855,11 @@ class Engine:
     def _sample(self, seq: Sequence) -> None:
         """Sample the next token after `seq.logits`, emit its text, and decide whether the request ends."""
         params = seq.request.params
-        token = sample(seq.logits, params, seq.generator)
+        try:
+            token = sample(seq.logits, params, seq.generator)
+        except Exception as exc:
+            self._fail(seq, "sampling failed", exc)
+            return
         now = time.monotonic()
         if seq.generated:
             self.metrics.inter_token_latency.observe(now - seq.last_token_at)
@@ -735,22 +886,18 @@ class Engine:
 
     def _append_text(self, seq: Sequence, token: int) -> str | None:
         """Add the token's text; on a stop string cut the text before it and return "stop"."""
-        before = len(seq.text)
-        seq.text += seq.decoder.push(token)
-        hits = [
-            i
-            for stop in seq.request.params.stop
-            if (i := seq.text.find(stop, max(0, before - len(stop) + 1))) >= 0
-        ]
-        if not hits:
+        piece = seq.decoder.push(token)
+        at = seq.stops.feed(piece, len(seq.text))
+        seq.text += piece
+        if at is None:
             return None
-        seq.text = seq.text[: min(hits)]
+        seq.text = seq.text[:at]
         seq.decoder.flush()  # drop a partial character after the stop string
         return "stop"
 
     def _emit(self, seq: Sequence, final: bool) -> None:
         """Send the text not yet sent, holding back an end that may still become a stop string."""
-        end = len(seq.text) if final else len(seq.text) - _stop_overlap(seq.text, seq.request.params.stop)
+        end = len(seq.text) if final else len(seq.text) - seq.stops.partial
         if end > seq.sent:
             self._deliver(seq, Output(seq.text[seq.sent : end], self._take_logprobs(seq)))
             seq.sent = end
@@ -762,6 +909,9 @@ class Engine:
         return taken
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.done:  # failed earlier in this step
+            return
+        seq.done = True
         if seq.sleep is not None:  # the stored state does not need it: the next request sleeps anew
             assert self.executor is not None
             self.executor.cancel_session(seq.id)
@@ -786,6 +936,7 @@ class Engine:
             reply_tokens=seq.generated[: len(seq.generated) - len(seq.pending)]
             if seq.request.stateful
             else [],
+            error=seq.error,
         )
         self._deliver(seq, final)
         self._outbox.append((seq.loop, _set_result, (seq.handle.result, final)))
@@ -816,6 +967,11 @@ class Engine:
         capacity = self.model.config.window_capacity
         fills = [len(s.state.tail) / capacity for s in self.running]
         self.metrics.kv_window_usage_ratio.set(sum(fills) / len(fills) if fills else 0.0)
+
+
+def _finite_rows(logits: Tensor) -> list[bool]:
+    """Whether each row of logits [B, vocab] is finite: one check (and one device sync) per batch."""
+    return torch.isfinite(logits).all(-1).tolist()
 
 
 def _set_result(future: asyncio.Future, value: Output) -> None:

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from model.state import SessionStateError
 from server.stores import StoreUnavailable, VersionConflict
@@ -24,6 +25,7 @@ _VALUE_ERRORS = {
     "too_long",
     "string_too_short",
     "string_too_long",
+    "string_pattern_mismatch",
     "literal_error",
     "value_error",
 }
@@ -49,10 +51,19 @@ class APIError(Exception):
         self.headers = headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        # Messages may quote the request: a lone surrogate in it must not make the error unrenderable.
+        message, param = _printable(self.message), self.param and _printable(self.param)
+        return {"error": {"message": message, "type": self.type, "param": param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        headers = dict(self.headers or {})
+        if self.status == 500:  # the client should not reuse a connection the server may drop
+            headers["Connection"] = "close"
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -64,16 +75,42 @@ def session_not_found(session_id: str) -> APIError:
 
 
 def state_refused(exc: SessionStateError) -> APIError:
-    """A session blob that does not fit this model (another model, schedule, version, or damaged)."""
-    status = 409 if exc.reason in ("fingerprint", "schedule", "version") else 422
+    """A session blob that does not fit this model (another model, schedule, version), or that is
+    damaged, invalid or unsigned."""
+    if exc.reason in ("fingerprint", "schedule", "version"):
+        return APIError(409, str(exc), code=f"session_{exc.reason}_mismatch")
+    code = "invalid_session_signature" if exc.reason == "signature" else "invalid_session"
+    return APIError(422, str(exc), code=code)
+
+
+def session_damaged(session_id: str, problem: str) -> APIError:
+    """A stored record that cannot be read (damaged outside the server): it can only be deleted."""
     return APIError(
-        status, str(exc), code=f"session_{exc.reason}_mismatch" if status == 409 else "invalid_session"
+        409,
+        f"session {session_id} is damaged in the store and can only be deleted: {problem}",
+        param="session_id",
+        code="session_damaged",
     )
 
 
 def _field(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts) or "body"
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "path", "header", "query") else loc
+    return ".".join(str(p) for p in parts) or "body"
+
+
+def _message(error: dict) -> str:
+    return f"{_field(tuple(error['loc']))}: {error['msg']}"
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods some route takes on the request's path (the Allow header of a 405), found by asking
+    the routes (FastAPI nests included routers, so the route table is not flat)."""
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -91,7 +128,7 @@ def install_error_handlers(app: FastAPI) -> None:
             ).response()
         param = _field(tuple(first["loc"]))
         status = 400 if all(e["type"] in _VALUE_ERRORS for e in errors) else 422
-        message = "; ".join(f"{_field(tuple(e['loc']))}: {e['msg']}" for e in errors)
+        message = "; ".join(_message(e) for e in errors)
         return APIError(
             status, message, param=param, code="invalid_value" if status == 400 else "invalid_type"
         ).response()
@@ -99,7 +136,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = "invalid request body (not UTF-8 JSON)" if exc.status_code == 400 else str(exc.detail)
-        return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        return APIError(exc.status_code, message, headers=headers).response()
 
     @app.exception_handler(StoreUnavailable)
     async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:

@@ -88,6 +88,11 @@ class Metrics:
             ["runner"],
             registry=r,
         )
+        self.sleeper_restarts = Counter(
+            p + "sleeper_restarts",
+            "Sleeper processes (process, offload) that died and were started anew.",
+            registry=r,
+        )
         self.decode_stall = Histogram(
             p + "decode_stall_seconds",
             "Time a session's decode waited for its own sleep.",

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # per stop string
 
 
 def _utf8(text: str) -> str:
@@ -17,84 +29,203 @@ def _utf8(text: str) -> str:
     return text
 
 
+Text = Annotated[str, AfterValidator(_utf8)]  # every string a request carries
+
+
+def _json_int(value: object) -> object:
+    """An integer as JSON Schema has it: 3 or 3.0, never true or "3" (the models are strict)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _int(**bounds: int) -> Any:
+    """A JSON integer field type with bounds (set before the validator: in the other order pydantic
+    writes `ge` into the schema of a union member where JSON Schema says `minimum`)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_json_int)]
+
+
+Int = _int()
+_SESSION_ID = re.compile(r"[0-9a-fA-F]{32}")
+SESSION_ID_MESSAGE = "session_id must be 32 hexadecimal characters (a random 128-bit id)"
+
+
+def is_session_id(value: str) -> bool:
+    return _SESSION_ID.fullmatch(value) is not None
+
+
+def _session_id(value: str) -> str:
+    if not is_session_id(value):
+        raise ValueError(SESSION_ID_MESSAGE)
+    return value.lower()
+
+
+# `(?!\n)`: test generators read `$` as Python does (true also before a final newline), and would
+# send ids that end with one as valid.
+SessionId = Annotated[
+    str,
+    AfterValidator(_session_id),
+    WithJsonSchema(
+        {"type": "string", "pattern": r"^[0-9a-fA-F]{32}(?!\n)$", "description": SESSION_ID_MESSAGE}
+    ),
+]
+
+
+def _stops(value: str | list[str] | None) -> str | list[str] | None:
+    stops = [value] if isinstance(value, str) else value or []
+    if len(stops) > MAX_STOP_STRINGS or not all(0 < len(_utf8(s)) <= MAX_STOP_CHARS for s in stops):
+        raise ValueError(
+            f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"
+        )
+    return value
+
+
+def _prompt(value: str | list) -> str | list:
+    if not value:
+        raise ValueError("prompt must not be empty")
+    if isinstance(value, list) and not isinstance(value[0], int):  # a list of prompts
+        if len(value) != 1:
+            raise ValueError("only one prompt per request is supported")
+        if not value[0]:
+            raise ValueError("prompt must not be empty")
+    for text in [value] if isinstance(value, str) else value:
+        if isinstance(text, str) and not _utf8(text):
+            raise ValueError("prompt must not be empty")
+    return value
+
+
+# Unions validated by one function each (a clear message, not one per union member), with the schema
+# that says the same.
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+Stop = Annotated[
+    str | list[str] | None,
+    AfterValidator(_stops),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                _STOP_STRING,
+                {"type": "array", "items": _STOP_STRING, "maxItems": MAX_STOP_STRINGS},
+                {"type": "null"},
+            ],
+            "description": f"Up to {MAX_STOP_STRINGS} strings that end the text (excluded from it).",
+        }
+    ),
+]
+Prompt = Annotated[
+    str | list[str] | list[Int] | list[list[Int]],
+    AfterValidator(_prompt),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+                {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                    "minItems": 1,
+                    "maxItems": 1,
+                },
+            ],
+            "description": "Text or token ids (non-empty), or a list of one of either.",
+        }
+    ),
+]
+
+
+def _check_unicode(value: object) -> None:
+    """Refuse lone surrogates anywhere in a JSON value (the fields a request passes through unread)."""
+    if isinstance(value, str):
+        _utf8(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item)
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI fields we do not use (user, …) pass
+    # OpenAI fields we do not use (user, …) pass. Strict: JSON types as the schema has
+    # them (no 0 for false, no false for a token id). `stream_options` needs `stream: true`.
+    model_config = ConfigDict(
+        extra="allow",
+        strict=True,
+        json_schema_extra={
+            "if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+            "else": {"properties": {"stream_options": {"type": "null"}}},
+        },
+    )
+
+    @model_validator(mode="after")
+    def _extra_text(self) -> _Request:
+        _check_unicode(self.model_extra)
+        return self
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class SamplingRequest(_Request):
     """Fields common to completions and chat completions."""
 
-    model: str
-    max_tokens: int | None = Field(
+    model: Text
+    max_tokens: _int(ge=0) | None = Field(
         None,
-        ge=0,
         description="Tokens to generate at most (capped by the server). 0 only feeds the prompt: with a "
         "session, that adds it to the conversation without a reply (extension).",
     )
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(
+    top_k: Int = Field(
         -1, ge=-1, description="Sample among the k likeliest tokens; -1 or 0: off (extension)."
     )
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    seed: Int | None = Field(
+        None, description="Any integer (used modulo 2**64): the same seed, the same sample."
+    )
+    stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, description="Only 1 is supported.")
+    n: Int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     ignore_eos: bool = Field(False, description="Generate past end-of-text tokens (as vLLM; for benchmarks).")
-    session_id: str | None = Field(None, description="Continue this session (extension; or X-Session-ID).")
+    session_id: SessionId | None = Field(
+        None, description="Continue this session (extension; or X-Session-ID)."
+    )
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> list[str] | None:
-        stops = [value] if isinstance(value, str) else value
-        if stops is not None and (len(stops) > 16 or any(not s for s in stops)):
-            raise ValueError("stop takes at most 16 non-empty strings")
-        return stops and [_utf8(s) for s in stops]
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Text, token ids, or a list of one of either."
-    )
-    logprobs: int | None = Field(
+    prompt: Prompt
+    logprobs: _int(ge=0, le=5) | None = Field(
         None,
-        ge=0,
-        le=5,
-        description="Log-probabilities of each token with this many likeliest alternatives (as OpenAI, "
-        "at most 5).",
+        description="Log-probabilities of each token with this many likeliest alternatives (as OpenAI, at "
+        "most 5).",
     )
     echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs).")
 
-    @field_validator("prompt")
-    @classmethod
-    def _text(cls, value: str | list) -> str | list:
-        for item in [value] if isinstance(value, str) else value:
-            if isinstance(item, str):
-                _utf8(item)
-        return value
-
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"]
-    text: str
+    text: str  # checked by `_content`
+
+
+def _content(value: str | list[TextPart] | None) -> str | list[TextPart] | None:
+    for part in [value] if isinstance(value, str) else value or ():
+        _utf8(part if isinstance(part, str) else part.text)
+    return value
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _text(cls, value: str | list[TextPart] | None) -> str | list[TextPart] | None:
-        for item in [value] if isinstance(value, str) else value or ():
-            _utf8(item if isinstance(item, str) else item.text)
-        return value
+    content: Annotated[str | list[TextPart] | None, AfterValidator(_content)] = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -106,14 +237,11 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: _int(ge=1) | None = None
     logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
-    top_logprobs: int | None = Field(
-        None,
-        ge=0,
-        le=20,
-        description="With logprobs: this many likeliest alternatives per token (at most 20).",
+    top_logprobs: _int(ge=0, le=20) | None = Field(
+        None, description="With logprobs: this many likeliest alternatives per token (at most 20)."
     )
 
 
@@ -237,7 +365,8 @@ class ModelList(BaseModel):
 
 
 class CreateSessionRequest(BaseModel):
-    session_id: str | None = Field(None, description="A client-chosen id: 32 hex characters.")
+    model_config = ConfigDict(strict=True)
+    session_id: SessionId | None = Field(None, description="A client-chosen id: 32 hex characters.")
 
 
 class HeadStats(BaseModel):

@@ -27,13 +27,13 @@ from server.engine import (
 )
 from server.errors import APIError
 from server.idle import IdleConsolidator
-from server.sessions import Checkout, SessionManager
+from server.sessions import Checkout, SessionManager, reply_hash
 from server.stores import StoreError, StoreUnavailable, VersionConflict
 
 log = logging.getLogger("sleepserve.serving")
 
 # What a request feeds, given its session checkout (None: stateless): the prompt tokens, and the chat
-# turn they make (None for a completion).
+# turn they make (None for a completion or without a session).
 PromptBuilder = Callable[[Checkout | None], tuple[list[int], ChatTurn | None]]
 
 
@@ -111,8 +111,13 @@ class Turn:
             await _release(self.ctx, checkout)
             return
         if self.chat is not None and final.prompt_complete:
-            reply = final.reply if final.stats.completion_tokens else None
-            self.chat.record(checkout.chat, reply, final.reply_tokens)
+            hashes, reply = list(self.chat.hashes), None
+            if final.stats.completion_tokens:
+                hashes.append(reply_hash(final.reply))
+                reply = final.reply  # a client whose stream dropped has only a prefix of it
+            limit = self.ctx.sessions.history_limit
+            checkout.history.add(hashes, limit, reply)
+            self.chat.record(checkout.history, reply, final.reply_tokens, limit)
         try:
             await self.ctx.sessions.commit(checkout)
             if self.ctx.idle is not None:

@@ -1,40 +1,39 @@
 """Sessions on top of a store: the model's state blob, the chat messages it consumed, owners and leases.
 
 A store record is `MAGIC | u32 length | JSON sidecar | state blob`. The state blob is exactly the model's
-fixed-size `SessionState` safetensors blob (what export returns and import takes); the sidecar is the
-session's `ChatHistory` (server/chat.py): the chat messages it consumed (its own replies included), so
-that a client re-sending the whole history is recognised and the chat template can render the whole
-conversation.
+fixed-size `SessionState` safetensors blob (what export returns and import takes); the sidecar lists
+short hashes of the chat messages the session consumed (its own replies included), so that a client
+re-sending the whole history is recognised and only its new messages are fed, and the conversation the
+chat template renders (server/chat.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
-import re
 import secrets
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from model.hybrid import HybridLM
 from model.session import consolidate_all, new_state
-from model.state import SessionState, SessionStateError
+from model.state import SessionState, SessionStateError, StateSpec
 from scheduler.redis_state import RECORD_MAGIC
-from server.chat import ChatHistory
-from server.errors import APIError, bad_request, session_not_found, state_refused
+from server.chat import EMPTY_DIGEST, Message
+from server.errors import APIError, bad_request, session_damaged, session_not_found, state_refused
 from server.metrics import Metrics
-from server.schemas import HeadStats, LayerStats, SessionInfo
-from server.stores import SessionStore, StoredSession, StoreError, VersionConflict
+from server.schemas import SESSION_ID_MESSAGE, ChatMessage, HeadStats, LayerStats, SessionInfo, is_session_id
+from server.stores import DamagedRecord, SessionStore, StoredSession, StoreError, VersionConflict
 
 log = logging.getLogger("sleepserve.sessions")
 
 MAGIC = RECORD_MAGIC
-_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def new_session_id() -> str:
@@ -44,21 +43,134 @@ def new_session_id() -> str:
 
 def check_session_id(session_id: str) -> str:
     """A client-given id, lower-cased; 400 unless it is 32 hex characters."""
-    if not _ID.fullmatch(session_id.lower()):
-        raise bad_request("session_id must be 32 hexadecimal characters (a random 128-bit id)", "session_id")
+    if not is_session_id(session_id):
+        raise bad_request(SESSION_ID_MESSAGE, "session_id")
     return session_id.lower()
 
 
-def pack_record(blob: bytes, chat: ChatHistory) -> bytes:
-    sidecar = json.dumps(chat.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
+@dataclass
+class ChatHistory:
+    """The chat messages a session consumed, as short hashes, within a fixed bound: the first one and
+    the last `keep`; those in between are only counted (`skipped`), so a re-sent history is checked at
+    both ends. `last_reply`: the text of the session's last reply, of which a client whose stream
+    dropped received only a prefix (the session consumed all of it)."""
+
+    recent: list[str] = field(default_factory=list)
+    first: str | None = None
+    skipped: int = 0
+    last_reply: str | None = None
+    # For the chat template (server/chat.py): the conversation as (role, content), None once it has
+    # outgrown the bound (the template then renders the new messages alone), and the count and digest
+    # of the tokens the session consumed as its rendering.
+    conversation: list[Message] | None = field(default_factory=list)
+    tokens: int = 0
+    digest: str = EMPTY_DIGEST
+
+    def __len__(self) -> int:
+        return self.skipped + len(self.recent)
+
+    def add(self, hashes: list[str], keep: int, last_reply: str | None = None) -> None:
+        if self.first is None and hashes:
+            self.first = hashes[0]
+        self.recent += hashes
+        drop = max(0, len(self.recent) - keep)
+        self.skipped += drop
+        del self.recent[:drop]
+        self.last_reply = last_reply
+
+    def to_json(self) -> dict:
+        return {
+            "messages": self.recent,
+            "first": self.first,
+            "skipped": self.skipped,
+            "reply": self.last_reply,
+            "conversation": self.conversation,
+            "tokens": self.tokens,
+            "digest": self.digest,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> ChatHistory:
+        recent = list(data["messages"])
+        if not all(isinstance(h, str) for h in recent):
+            raise ValueError("message hashes must be strings")
+        first = data.get("first", recent[0] if recent else None)
+        conversation = data.get("conversation")  # absent (an older record): not known
+        if conversation is not None:
+            conversation = [(str(role), str(content)) for role, content in conversation]
+        return cls(
+            recent,
+            first,
+            int(data.get("skipped", 0)),
+            data.get("reply"),
+            conversation,
+            int(data.get("tokens", 0)),
+            str(data.get("digest", EMPTY_DIGEST)),
+        )
+
+
+def pack_record(blob: bytes, history: ChatHistory) -> bytes:
+    sidecar = json.dumps(history.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
     return MAGIC + struct.pack("<I", len(sidecar)) + sidecar + blob
 
 
 def unpack_record(record: bytes) -> tuple[bytes, ChatHistory]:
-    if not record.startswith(MAGIC):
+    """The state blob and chat history of a store record (SessionStateError "format" when damaged)."""
+    if not record.startswith(MAGIC) or len(record) < 8:
         raise SessionStateError("format", "stored session record is not a sleepserve record")
     (size,) = struct.unpack("<I", record[4:8])
-    return record[8 + size :], ChatHistory.from_json(json.loads(record[8 : 8 + size]))
+    try:
+        return record[8 + size :], ChatHistory.from_json(json.loads(record[8 : 8 + size]))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SessionStateError("format", f"stored session record has a damaged sidecar: {exc}") from exc
+
+
+def message_hash(message: ChatMessage) -> str:
+    payload = json.dumps([message.template_role(), message.text()], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def reply_hash(text: str) -> str:
+    return message_hash(ChatMessage(role="assistant", content=text))
+
+
+def new_chat_messages(messages: list[ChatMessage], history: ChatHistory) -> int:
+    """Index of the first message the session has not consumed.
+
+    Either the request re-sends the consumed history (and adds to it), or it holds only new messages.
+    A request that starts like the history but departs from it contradicts the session: 409. The
+    history's middle (`skipped`) is taken on trust; the session's last reply matches any prefix of
+    it (what a client whose stream dropped received).
+    """
+    hashes = [message_hash(m) for m in messages]
+    n, start = len(history), history.skipped
+    if not n or hashes[0] != history.first:
+        return 0
+
+    def same(i: int) -> bool:
+        if hashes[i] == history.recent[i - start]:
+            return True
+        reply = history.last_reply
+        last = i == n - 1 and messages[i].role == "assistant"
+        return last and reply is not None and reply.startswith(messages[i].text())
+
+    known = range(start, min(n, len(hashes)))
+    differ = next((i for i in known if not same(i)), None)
+    if differ is None and len(hashes) > n:
+        return n
+    if differ is None:
+        message = (
+            f"messages re-send the {n} messages this session consumed but add no new one"
+            if len(hashes) == n
+            else f"messages re-send only {len(hashes)} of the {n} messages this session consumed"
+        )
+    else:
+        message = (
+            f"messages[{differ}] ({messages[differ].role}) differs from the message this session consumed at "
+            f"that position: the history contradicts the session (send only the new messages, or the history "
+            f"exactly as the session saw it, its replies included)"
+        )
+    raise APIError(409, message, param="messages", code="session_history_mismatch")
 
 
 @dataclass
@@ -68,7 +180,7 @@ class Checkout:
     id: str
     holder: str
     state: SessionState
-    chat: ChatHistory
+    history: ChatHistory
     version: int
     owner: str | None
     renewer: asyncio.Task | None = None  # keeps the lease alive while the request runs
@@ -115,35 +227,49 @@ class SessionManager:
         passes: int,
         lease_ttl: float,
         lease_wait: float,
+        history_limit: int = 1024,
+        signing_key: bytes | None = None,
     ) -> None:
+        """`history_limit`: chat message hashes a record keeps (`ChatHistory`); `signing_key`: sign
+        exported blobs and refuse imports without a valid signature."""
         self.store, self.model, self.fingerprint = store, model, fingerprint
         self.metrics, self.passes = metrics, passes
         self.lease_ttl, self.lease_wait = lease_ttl, lease_wait
+        self.history_limit, self.signing_key = history_limit, signing_key
+        self.spec = StateSpec.of(model)
         self.replica = secrets.token_hex(4)
 
     # -- records ------------------------------------------------------------------------------------
 
-    def encode(self, state: SessionState, chat: ChatHistory) -> bytes:
-        return pack_record(state.to_bytes(self.fingerprint, self.model.config.window_capacity), chat)
+    def encode(self, state: SessionState, history: ChatHistory) -> bytes:
+        return pack_record(state.to_bytes(self.fingerprint, self.model.config.window_capacity), history)
 
-    def decode(self, record: bytes) -> tuple[SessionState, ChatHistory]:
+    def decode(self, session_id: str, record: bytes) -> tuple[SessionState, ChatHistory]:
+        """A stored record's state and history; 409 `session_damaged` when it cannot be used."""
         try:
-            blob, chat = unpack_record(record)
-            return SessionState.from_bytes(blob, self.fingerprint, self.model.config.schedule), chat
+            blob, history = unpack_record(record)
+            return SessionState.from_bytes(blob, self.fingerprint, spec=self.spec), history
         except SessionStateError as exc:
-            raise state_refused(exc) from exc
+            if exc.reason in ("fingerprint", "schedule", "version"):
+                raise state_refused(exc) from exc
+            raise session_damaged(session_id, str(exc)) from exc
 
     async def _get(self, session_id: str, owner: str | None) -> StoredSession:
-        stored = await self.store.get(session_id)
+        try:
+            stored = await self.store.get(session_id)
+        except DamagedRecord as exc:
+            if owner is not None and exc.owner not in (owner, None):  # an unreadable owner: deletable
+                raise session_not_found(session_id) from exc
+            raise session_damaged(session_id, str(exc)) from exc
         if stored is None or (owner is not None and stored.owner != owner):
             raise session_not_found(session_id)  # another key's session does not exist for this one
         return stored
 
     async def _create(
-        self, session_id: str, state: SessionState, chat: ChatHistory, owner: str | None
+        self, session_id: str, state: SessionState, history: ChatHistory, owner: str | None
     ) -> None:
         try:
-            await self.store.put(session_id, self.encode(state, chat), None, owner)
+            await self.store.put(session_id, self.encode(state, history), None, owner)
         except VersionConflict as exc:
             raise APIError(
                 409, f"session {session_id} already exists", param="session_id", code="session_exists"
@@ -160,7 +286,7 @@ class SessionManager:
         self, session_id: str, owner: str | None
     ) -> tuple[StoredSession, SessionState, ChatHistory]:
         stored = await self._get(session_id, owner)
-        return (stored, *self.decode(stored.blob))
+        return (stored, *self.decode(session_id, stored.blob))
 
     async def checkout(self, session_id: str, owner: str | None) -> Checkout:
         """Lease the session (waiting up to `lease_wait` while another request has it: else 409) and
@@ -178,11 +304,11 @@ class SessionManager:
                 )
             await asyncio.sleep(0.05)
         try:
-            stored, state, chat = await self.read(session_id, owner)
+            stored, state, history = await self.read(session_id, owner)
         except BaseException:
             await self.store.release_lease(session_id, holder)
             raise
-        checkout = Checkout(session_id, holder, state, chat, stored.version, owner)
+        checkout = Checkout(session_id, holder, state, history, stored.version, owner)
         checkout.renewer = asyncio.create_task(self._renew(checkout))
         return checkout
 
@@ -202,7 +328,7 @@ class SessionManager:
         """Save the checked-out state (compare-and-set on its version) and release the lease."""
         try:
             checkout.version = await self.store.put(
-                checkout.id, self.encode(checkout.state, checkout.chat), checkout.version
+                checkout.id, self.encode(checkout.state, checkout.history), checkout.version
             )
         finally:
             await self.release(checkout)
@@ -215,23 +341,31 @@ class SessionManager:
             await self.store.release_lease(checkout.id, checkout.holder)
 
     async def delete(self, session_id: str, owner: str | None) -> None:
-        await self._get(session_id, owner)
+        """Delete the session, damaged or not: its blob is never parsed."""
+        try:
+            await self._get(session_id, owner)
+        except APIError as exc:
+            if exc.code != "session_damaged":  # damaged: its owner was checked, it may go
+                raise
         await self.store.delete(session_id)
 
     async def fork(self, session_id: str, owner: str | None) -> str:
-        _, state, chat = await self.read(session_id, owner)
+        _, state, history = await self.read(session_id, owner)
         fork_id = new_session_id()
-        await self._create(fork_id, state, chat, owner)
+        await self._create(fork_id, state, history, owner)
         return fork_id
 
     async def export(self, session_id: str, owner: str | None) -> bytes:
-        stored = await self._get(session_id, owner)
-        self.decode(stored.blob)  # refuse to export a record this model cannot use
-        return unpack_record(stored.blob)[0]
+        """The session's state blob, signed when the server has a signing key."""
+        _, state, _ = await self.read(session_id, owner)  # refuses a record this model cannot use
+        return state.to_bytes(self.fingerprint, self.model.config.window_capacity, self.signing_key)
 
     async def import_blob(self, blob: bytes, owner: str | None) -> str:
+        """Store a blob under a new id once it has passed every check (nothing is stored before)."""
         try:
-            state = SessionState.from_bytes(blob, self.fingerprint, self.model.config.schedule)
+            state = SessionState.from_bytes(
+                blob, self.fingerprint, spec=self.spec, signing_key=self.signing_key
+            )
         except SessionStateError as exc:
             raise state_refused(exc) from exc
         session_id = new_session_id()
@@ -273,7 +407,7 @@ class SessionManager:
         with torch.inference_mode():
             return consolidate_all(self.model, state, passes)
 
-    def info(self, session_id: str, version: int, state: SessionState, chat: ChatHistory) -> SessionInfo:
+    def info(self, session_id: str, version: int, state: SessionState, history: ChatHistory) -> SessionInfo:
         capacity = self.model.config.window_capacity
         return SessionInfo(
             id=session_id,
@@ -288,7 +422,7 @@ class SessionManager:
             tail_tokens=len(state.tail),
             window_capacity=capacity,
             window_fill=len(state.tail) / capacity,
-            chat_messages=len(chat.messages),
+            chat_messages=len(history),
             state_bytes=len(state.to_bytes(self.fingerprint, capacity)),
             fast_weights=fast_weight_stats(state.memory[: self.model.config.n_gdn]),  # not the conv state
         )

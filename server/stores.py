@@ -36,6 +36,7 @@ from scheduler.redis_state import (  # shared with the worker
     CAS_PUT,
     RELEASE_LEASE,
     cas_put_args,
+    readable_owner,
     record_fields,
 )
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from server.metrics import Metrics
 
 __all__ = [
+    "DamagedRecord",
     "LeaseHeld",
     "MemoryStore",
     "RedisStore",
@@ -74,6 +76,15 @@ class StoreUnavailable(StoreError):
 
 class VersionConflict(StoreError):
     """A compare-and-set failed: the session changed (or appeared, or vanished) since it was read."""
+
+
+class DamagedRecord(StoreError):
+    """A stored record that is not a session hash (written or damaged outside the server). `owner`:
+    its owner tag when that much can be read."""
+
+    def __init__(self, message: str, owner: str | None) -> None:
+        super().__init__(message)
+        self.owner = owner
 
 
 class LeaseHeld(StoreError):
@@ -310,7 +321,10 @@ class RedisStore(SessionStore):
                 fields, _ = await pipe.hgetall(key).pexpire(key, self._ttl_ms).execute()
         if not fields:
             return None
-        return StoredSession(*record_fields(fields))
+        try:
+            return StoredSession(*record_fields(fields))
+        except ValueError as exc:
+            raise DamagedRecord(f"session record {session_id}: {exc}", readable_owner(fields)) from exc
 
     async def put(
         self, session_id: str, blob: bytes, expected_version: int | None, owner: str | None = None

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -163,6 +164,26 @@ def tiny_model(
     with torch.no_grad():
         model.head.weight.mul_(200.0)
     return model
+
+
+def forge_blob(blob: bytes, change) -> bytes:
+    """A session blob with its tensors changed by `change(tensors)` and a checksum that matches again
+    (what any client can do: the checksum is not a secret)."""
+    import json
+
+    from safetensors.torch import load as load_tensors
+    from safetensors.torch import save as save_tensors
+
+    from model.state import _checksum
+
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + size])["__metadata__"]
+    header.pop("checksum")
+    header.pop("signature", None)
+    tensors = {name: t.clone() for name, t in load_tensors(blob).items()}
+    change(tensors)
+    header["checksum"] = _checksum(tensors, header)
+    return save_tensors(tensors, metadata=header)
 
 
 # -- a real server process -------------------------------------------------------------------------

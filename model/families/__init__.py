@@ -7,7 +7,10 @@ one. A family module provides:
   settings where it records them (`sleep_trained`), else the family's serve-time defaults;
 - `weight_name(name) -> str | None`: our parameter name for a checkpoint tensor, None to skip it;
 - `assemble(weights, config) -> weights`: the last renames that need several tensors (fusions);
-- `tokenizer(folder) -> Tokenizer`.
+- `tokenizer(folder) -> Tokenizer`;
+- `split(weights, config) -> weights`: `assemble` undone, for saving in the checkpoint's own names;
+- `trained_config(raw, config) -> raw`: the checkpoint's `config.json` recording the sleep settings
+  it was trained with (`sleepserve train --init-from`).
 """
 
 from __future__ import annotations

@@ -137,5 +137,25 @@ def assemble(weights: dict[str, Tensor], config: ModelConfig) -> dict[str, Tenso
     return weights
 
 
+def split(weights: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """`assemble` undone: each attention block's fused projection back into q_proj ([query | gate] per
+    head), k_proj and v_proj."""
+    weights = dict(weights)
+    kv = config.n_kv_heads * config.head_dim
+    for i, kind in enumerate(config.layers):
+        if kind == "attn":
+            fused = weights.pop(f"blocks.{i}.mixer.qkv.weight")
+            parts = fused.split([fused.shape[0] - 2 * kv, kv, kv])
+            weights |= {f"blocks.{i}.mixer.{p}_proj.weight": t for p, t in zip("qkv", parts, strict=True)}
+    return weights
+
+
+def trained_config(raw: dict, config: ModelConfig) -> dict:
+    settings = {key: getattr(config, key) for key in SLEEP_KEYS}
+    if settings["sleep_blocks"] is not None:
+        settings["sleep_blocks"] = list(settings["sleep_blocks"])
+    return {**raw, SLEEP_SETTINGS: settings}
+
+
 def tokenizer(folder: Path) -> HFTokenizer:
     return HFTokenizer(folder)

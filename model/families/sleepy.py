@@ -28,3 +28,11 @@ def assemble(weights: dict[str, Tensor], config: ModelConfig) -> dict[str, Tenso
 
 def tokenizer(folder: Path) -> ByteTokenizer:
     return ByteTokenizer()
+
+
+def split(weights: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    return weights
+
+
+def trained_config(raw: dict, config: ModelConfig) -> dict:
+    return config.to_dict()

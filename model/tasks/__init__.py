@@ -8,12 +8,14 @@ from typing import Any
 from model.tasks.base import Example, Task, generate
 from model.tasks.chains import ChainsTask
 from model.tasks.hops import HopsTask
+from model.tasks.recall import RecallTask
 from model.tasks.rule110 import Rule110Task
 
 TASKS: dict[str, Callable[..., Task]] = {
     "rule110": Rule110Task,
     "hops": HopsTask,
     "chains": ChainsTask,
+    "recall": RecallTask,
 }
 
 
@@ -24,4 +26,14 @@ def make_task(name: str, **knobs: Any) -> Task:
     return TASKS[name](**knobs)
 
 
-__all__ = ["TASKS", "ChainsTask", "Example", "HopsTask", "Rule110Task", "Task", "generate", "make_task"]
+__all__ = [
+    "TASKS",
+    "ChainsTask",
+    "Example",
+    "HopsTask",
+    "RecallTask",
+    "Rule110Task",
+    "Task",
+    "generate",
+    "make_task",
+]

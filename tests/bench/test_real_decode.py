@@ -11,7 +11,7 @@ def test_real_decode_smoke(tmp_path) -> None:
     out = tmp_path / "real_decode.json"
     report = real_decode.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == report and out.with_suffix(".png").is_file()
-    assert set(report) == {"machine", "model", "workload", "systems"}
+    assert set(report) == {"machine", "model", "workload", "systems", "provenance"}
     assert report["model"]["parameters"] > 0 and report["model"]["layers"].count("gdn") == 3
     assert [s["name"] for s in report["systems"]] == ["sleepserve", "transformers"]
     for system in report["systems"]:

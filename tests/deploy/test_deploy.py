@@ -2,12 +2,15 @@
 commands, routes and metrics that exist.
 
 Needs `kubectl` (for `kubectl kustomize`) and the dev extras (pyyaml, check-jsonschema,
-kubernetes-validate). A missing tool fails the test, never skips it.
+kubernetes-validate). Without kubectl (on PATH or in the venv, where `make system-deps` downloads it)
+the tests that render the manifests are skipped with the reason, reported by `pytest -ra`; with
+SLEEPSERVE_REQUIRE_KUBECTL=1 (as in CI) they fail instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -38,8 +41,9 @@ PROBE_ROUTES = {"/health", "/ready"}
 CRD_GROUPS = {"monitoring.coreos.com"}
 
 KUBECTL_MISSING = (
-    "kubectl is not on PATH: the deploy tests render the kustomizations with `kubectl kustomize` "
-    "(offline). Install it (`make test` does, or e.g. `apt-get install -y kubectl`)."
+    "kubectl is neither on PATH nor in the venv: the deploy tests render the kustomizations with "
+    "`kubectl kustomize` (offline). `make system-deps` downloads it from dl.k8s.io, or see "
+    "https://kubernetes.io/docs/tasks/tools/"
 )
 
 YAML_FILES = sorted(p for d in (DOCKER, DEPLOY) for p in d.rglob("*") if p.suffix in {".yaml", ".yml"})
@@ -51,9 +55,11 @@ def load_yaml(path: Path) -> list:
 
 
 def render(kustomization: Path) -> list[dict]:
-    kubectl = shutil.which("kubectl")
+    kubectl = shutil.which("kubectl") or shutil.which("kubectl", path=str(Path(sys.executable).parent))
     if kubectl is None:
-        pytest.fail(KUBECTL_MISSING)
+        if os.environ.get("SLEEPSERVE_REQUIRE_KUBECTL") == "1":
+            pytest.fail(KUBECTL_MISSING)
+        pytest.skip(KUBECTL_MISSING)
     proc = subprocess.run(
         [kubectl, "kustomize", str(kustomization)], capture_output=True, text=True, timeout=60
     )

@@ -213,3 +213,25 @@ def test_bf16_weights_keep_float32_state(pair) -> None:
     )
     ours_error, their_error = ((x.float() - exact).abs().mean() for x in (logits, theirs))
     assert ours_error < 1.5 * their_error
+
+
+@torch.no_grad()
+def test_each_sleep_pass_continues_the_convolution_where_the_last_one_ended(pair) -> None:
+    """N = 2 written out with the block modules: the convolution history is recurrent state like the
+    fast weights, so pass 2 starts from pass 1's, and the new memory keeps pass 2's (docs/models.md)."""
+    model = pair[0].model
+    memory = [torch.randn_like(m) * 0.1 for m in model.empty_memory(1)]
+    chunk = tokens(24, seed=3)
+    fast, conv = model.split_memory(memory)
+    h = model.embed(chunk)
+    for _ in range(2):
+        for i, block in enumerate(model.blocks):
+            if block.kind == "attn":
+                h = block.attend(h)
+            else:
+                j = model.gdn_index[i]
+                y, fast[j], conv[j] = block.mixer(block.mixer_norm(h), fast[j], conv[j])
+                h = h + y
+            h = block.feed_forward(h)
+    for slept, expected in zip(model.sleep(memory, chunk, 2), fast + conv, strict=True):
+        assert (slept - expected).abs().max() < 1e-6

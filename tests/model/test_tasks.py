@@ -9,7 +9,18 @@ from collections.abc import Callable
 
 import pytest
 
-from model.tasks import TASKS, ChainsTask, Example, HopsTask, Rule110Task, Task, generate, make_task
+from model.tasks import (
+    TASKS,
+    ChainsTask,
+    Example,
+    HopsTask,
+    RecallTask,
+    Rule110Task,
+    Task,
+    generate,
+    make_task,
+)
+from model.tasks.recall import solve
 
 COUNT = 200
 
@@ -27,6 +38,8 @@ CONFIGS: list[tuple[str, dict[str, int]]] = [
     ("chains", {}),
     ("chains", {"modulus": 10, "max_ops": 4, "context_windows": 2, "statements_per_window": 4}),
     ("chains", {"min_ops": 2, "max_ops": 12, "context_windows": 4, "statements_per_window": 5, "window": 60}),
+    ("recall", {}),
+    ("recall", {"facts": 6, "min_filler": 2, "max_filler": 8, "questions": 2, "window": 64}),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}{v}' for k, v in knobs.items()) or 'default'}" for name, knobs in CONFIGS]
 
@@ -117,10 +130,22 @@ def solve_chains(task: Task, ex: Example) -> tuple[str, int]:
     return f"{values[asked]:02d}", len(closure)  # one operation per statement
 
 
+def solve_recall(task: Task, ex: Example) -> tuple[str, int]:
+    """Codes from the fact statements (each within one window), the distance as whole filler windows
+    after the window of the last fact."""
+    windows = [ex.context[i : i + task.window] for i in range(0, len(ex.context), task.window)]
+    last_fact = max(i for i, w in enumerate(windows) if "locker" in w)
+    codes = dict(re.findall(r"locker (\d\d) is (\d{4})\.", ex.context))
+    asked = re.fullmatch(r"U: code for locker ([\d,]+)\? A: ", ex.query)[1].split(",")
+    assert solve(ex.context + ex.query) == ",".join(codes[n] for n in asked)  # the module's own solver
+    return ",".join(codes[n] for n in asked), len(windows) - 1 - last_fact
+
+
 SOLVERS: dict[str, Callable[[Task, Example], tuple[str, int]]] = {
     "rule110": solve_rule110,
     "hops": solve_hops,
     "chains": solve_chains,
+    "recall": solve_recall,
 }
 
 
@@ -193,15 +218,18 @@ def test_paper_rule110_layout() -> None:
         (Rule110Task(cells=10, strings=2, min_steps=1, max_steps=6, filler_windows=1), 0),
         (HopsTask(nodes=6, context_windows=2, max_hops=4, name_len=1), 0),
         (ChainsTask(max_ops=3, context_windows=2, statements_per_window=3), 1),
+        (RecallTask(facts=2, min_filler=1, max_filler=3), 0),
     ],
-    ids=["rule110", "hops", "chains"],
+    ids=["rule110", "hops", "chains", "recall"],
 )
 def test_docstring_examples(task: Task, seed: int) -> None:
-    """Each module docstring's literal example is what the task generates (seed as given, difficulty 3)."""
+    """Each module docstring's literal example is what the task generates (seed as given, difficulty 3);
+    a field may go on over lines that start with a quote."""
     doc = sys.modules[type(task).__module__].__doc__ or ""
-    fields = {
-        m[1]: "".join(re.findall(r'"([^"]*)"', m[2])) for m in re.finditer(r"^ +(\w+) +(\".*)$", doc, re.M)
-    }
+    fields: dict[str, str] = {}
+    for m in re.finditer(r"^ +(\w+)? +(\".*)$", doc, re.M):
+        name = m[1] or list(fields)[-1]
+        fields[name] = fields.get(name, "") + "".join(re.findall(r'"([^"]*)"', m[2]))
     ex = task.example(random.Random(seed), difficulty=3)
     assert fields == {"context": ex.context, "query": ex.query, "answer": ex.answer}
     assert f"window {task.window}:" in doc

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import os
 import platform
 import re
@@ -18,8 +20,9 @@ from model.hybrid import HybridLM
 from scheduler.executor import SleepExecutor
 from scheduler.isolation import Isolation, create_executor
 from scheduler.jobs import ConsolidationJob
-from scheduler.offload import OffloadExecutor
+from scheduler.offload import MOST_RESTARTS, OffloadExecutor
 from scheduler.policy import DepthPolicy, PassCosts
+from scheduler.process import ProcessSleeper
 from server.metrics import Metrics
 
 
@@ -60,6 +63,25 @@ def busy_executor(model: HybridLM, max_batch: int) -> Iterator[tuple[SleepExecut
     finally:
         gated.release.set()
         executor.shutdown()
+
+
+@pytest.mark.parametrize("isolation, runs_as", [("interleaved", "thread"), ("offload", "process")])
+def test_a_model_looping_some_blocks_gets_whole_sleeps(model: HybridLM, isolation, runs_as) -> None:
+    """The rolling batch runs every block each pass: a model with sleep_blocks runs whole sleeps, whose
+    result loops only those blocks (and differs from looping all of them)."""
+    looped = copy.deepcopy(model)
+    looped.config = model.config.replace(sleep_blocks=(1, 2))
+    executor = create_executor(looped, isolation, policy=DepthPolicy(1, 4))
+    try:
+        assert executor.isolation == runs_as
+        job = random_job(looped, 5, passes=3)
+        result = executor.submit(job).result(timeout=60)
+    finally:
+        executor.shutdown()
+    every_block = direct(model, job, 3)
+    for got, want, unlooped in zip(result.memory, direct(looped, job, 3), every_block, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        assert not torch.allclose(got, unlooped, atol=1e-4)
 
 
 def test_results_equal_model_sleep_and_metrics_count(model: HybridLM) -> None:
@@ -200,8 +222,10 @@ def test_a_failing_sleep_fails_its_future(model: HybridLM) -> None:
 
 def test_process_isolation_equals_model_sleep_and_survives_a_killed_child(model: HybridLM) -> None:
     """The child-process sleeper gives the batched results of `model.sleep`; a child killed with
-    SIGKILL is restarted and the job still completes; an error in the child fails only its future."""
-    executor = create_executor(model, max_batch=4, isolation="process")
+    SIGKILL is restarted (counted) and the job still completes; an error in the child fails only its
+    future."""
+    metrics = Metrics()
+    executor = create_executor(model, max_batch=4, isolation="process", metrics=metrics)
     try:
         assert executor.calibrate(8) > 0
         jobs = [random_job(model, seed) for seed in (21, 22, 23)]
@@ -221,6 +245,7 @@ def test_process_isolation_equals_model_sleep_and_survives_a_killed_child(model:
         with pytest.raises(IndexError):
             executor.submit(bad).result(timeout=60)
         assert executor.submit(random_job(model, 26)).result(timeout=60).passes == 2  # still serving
+        assert sample(metrics, "sleepserve_sleeper_restarts_total") == 1
     finally:
         executor.shutdown()
     assert not sleeper._process.is_alive()
@@ -420,7 +445,7 @@ def offloading(model: HybridLM, helper_pass_seconds: float, **kw) -> OffloadExec
     executor = interleaved(model, isolation="offload", sleeper_cpus={min(os.sched_getaffinity(0))}, **kw)
     assert isinstance(executor, OffloadExecutor)
     executor._helper_costs = PassCosts(deviations=0.0)
-    for rows in (1, 8):
+    for rows in range(1, 9):  # every batch size: a first observation of one not seeded would replace it
         executor._helper_costs.seed(8, helper_pass_seconds, rows)
     return executor
 
@@ -467,11 +492,9 @@ def test_offload_runs_the_passes_in_an_idle_sleeper_process_with_model_sleeps_re
     assert sample(metrics, "sleepserve_sleep_passes_sum") == 9
 
 
-def test_offload_races_a_late_sleeper_and_outlives_a_dead_one(model: HybridLM) -> None:
+def test_offload_races_a_late_sleeper(model: HybridLM) -> None:
     """A pass the sleeper process takes longer over than its passes take is run on the caller's turns
-    too, the first to finish ending it; a waiter (`wait`) runs it at once. A sleeper killed with
-    SIGKILL mid-pass leaves the decode thread to run every pass from then on. Every result equals its
-    job run alone."""
+    too, the first to finish ending it. The result equals its job run alone."""
     metrics = Metrics()
     executor = offloading(model, helper_pass_seconds=0.0, metrics=metrics)  # always late: raced
     try:
@@ -489,7 +512,19 @@ def test_offload_races_a_late_sleeper_and_outlives_a_dead_one(model: HybridLM) -
     finally:
         executor.shutdown()
 
-    executor = offloading(model, helper_pass_seconds=30.0)
+
+def kill(helper: ProcessSleeper) -> None:
+    os.kill(helper._process.pid, signal.SIGKILL)
+    helper._process.join(timeout=10)
+
+
+def test_offload_restarts_a_sleeper_that_dies(model: HybridLM, caplog) -> None:
+    """A sleeper process killed with SIGKILL mid-pass is restarted at once (a log line, a metric) and
+    takes passes again; the pass it lost runs on the caller's turns. One that dies `MOST_RESTARTS` times
+    without answering a pass in between leaves the decode thread to run every pass from then on. Every
+    result equals its job run alone."""
+    metrics = Metrics()
+    executor = offloading(model, helper_pass_seconds=30.0, metrics=metrics)
     try:
         helper = executor._helper
         assert helper is not None
@@ -497,19 +532,62 @@ def test_offload_races_a_late_sleeper_and_outlives_a_dead_one(model: HybridLM) -
         futures = executor.submit_all(jobs)
         executor.run_interleaved(busy=0.001)  # the first pass goes to the sleeper
         assert executor._at_helper is not None
-        os.kill(helper._process.pid, signal.SIGKILL)
-        helper._process.join(timeout=10)
-        executor.wait(futures, timeout=60)  # a waiter runs the pass itself, and finds the sleeper gone
-        run_until_done(executor, futures)
-        assert executor._helper is None  # no more offloading
-        later = random_job(model, 94, passes=2, deadline=time.monotonic() + 2.0)
-        futures.append(executor.submit(later))
-        run_until_done(executor, futures[2:])
+        first_child = helper._process.pid
+        kill(helper)
+        with caplog.at_level(logging.WARNING, logger="sleepserve.scheduler"):
+            executor.wait(futures, timeout=60)  # a waiter runs the pass itself, and finds the sleeper gone
+        assert all(f.done() for f in futures)  # one batch
+        assert executor._helper is helper and helper.alive() and helper._process.pid != first_child
+        assert sample(metrics, "sleepserve_sleeper_restarts_total") == 1
+        assert "the sleeper process died (exit code -9); restarting it" in caplog.text
+        jobs.append(random_job(model, 94, passes=2))
+        futures.append(executor.submit(jobs[-1]))
+        executor.run_interleaved(busy=0.001)
+        assert executor._at_helper is not None  # the new child takes passes
+        executor.wait(futures[2:], timeout=60)  # a waiter runs the pass too: the first to finish ends it
+
+        executor._restarts = MOST_RESTARTS  # as if it had died that often in a row
+        jobs.append(random_job(model, 96, passes=2, deadline=time.monotonic() + 2.0))
+        futures.append(executor.submit(jobs[-1]))
+        executor.run_interleaved(busy=0.001)
+        assert executor._at_helper is not None
+        kill(helper)
+        with caplog.at_level(logging.WARNING, logger="sleepserve.scheduler"):
+            executor.wait(futures[3:], timeout=60)  # runs the pass itself, and finds the sleeper gone
+        assert executor._helper is None and "run on the decode thread from now on" in caplog.text
+        assert sample(metrics, "sleepserve_sleeper_restarts_total") == 1
     finally:
         executor.shutdown()
-    for job, future in zip([*jobs, later], futures, strict=True):
+    for job, future in zip(jobs, futures, strict=True):
         for got, want in zip(future.result(timeout=0).memory, direct(model, job, 2), strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_offload_learns_the_helpers_pass_with_the_rows_it_was_sent(model: HybridLM) -> None:
+    """A pass the decode thread finished first ends its rows; the helper's reply, later, still teaches
+    the cost of a pass over the rows it was sent (not over none, which planned the next pass with a
+    division by zero)."""
+    executor = offloading(model, helper_pass_seconds=30.0)
+    try:
+        future = executor.submit(random_job(model, 97, passes=1))
+        executor.run_interleaved(busy=0.001)  # the pass goes to the sleeper
+        at = executor._at_helper
+        assert at is not None
+        at.timed = True  # as if the sleeper had answered a pass before
+        executor.wait([future], timeout=30)  # a waiter runs it too, and finishes first: no rows left
+        assert future.done() and not at.rolling.rows
+        end = time.monotonic() + 60
+        while executor._at_helper is not None:  # the sleeper's reply
+            executor.run_interleaved(busy=0.001)
+            time.sleep(0.01)
+            assert time.monotonic() < end, "the sleeper did not answer"
+        assert executor._helper_costs.pass_seconds(8, rows=1, margin=False) < 30.0  # learnt for 1 row
+        later = executor.submit(random_job(model, 98, passes=1))
+        executor.run_interleaved(busy=0.001)  # plans the next pass from what it learnt
+        executor.wait([later], timeout=30)
+        assert later.result(timeout=0).passes == 1
+    finally:
+        executor.shutdown()
 
 
 def test_offload_takes_a_pass_back_once_its_rows_cannot_wait(model: HybridLM) -> None:

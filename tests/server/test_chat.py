@@ -8,44 +8,54 @@ import pytest
 from qwen_support import make_tokenizer
 
 from model.tokenizer import END_OF_MESSAGE, ByteTokenizer, HFTokenizer
-from server.chat import ChatHistory, chat_turn, render
+from server.chat import chat_turn, render
 from server.errors import APIError
+from server.sessions import ChatHistory
 
 TOKENIZER = ByteTokenizer()
+KEEP = 1024  # messages a session's history keeps
 
 
 def test_turns_continue_the_rendering_of_the_whole_conversation():
     history = ChatHistory()
     first = [("system", "be brief"), ("user", "hi")]
-    tokens, turn = chat_turn(TOKENIZER, history, first)
+    tokens, turn = chat_turn(TOKENIZER, history, first, [])
     assert turn.exact and tokens == TOKENIZER.encode_chat(first)
     reply = [*TOKENIZER.encode("hello"), END_OF_MESSAGE]  # as the model would end it
-    turn.record(history, "hello", reply)
+    turn.record(history, "hello", reply, KEEP)
 
     second = [("user", "and then?")]
-    tokens, turn = chat_turn(TOKENIZER, history, second)
+    tokens, turn = chat_turn(TOKENIZER, history, second, [])
     whole = TOKENIZER.encode_chat([*first, ("assistant", "hello"), *second])
     assert turn.exact and TOKENIZER.encode_chat(first) + reply + tokens == whole
-    assert history.messages == [*first, ("assistant", "hello")]
+    assert history.conversation == [*first, ("assistant", "hello")]
 
     # A reply cut by max_tokens (no closing token): the next rendering closes it.
-    turn.record(history, "ab", TOKENIZER.encode("ab"))
+    turn.record(history, "ab", TOKENIZER.encode("ab"), KEEP)
     third = [("user", "go on")]
-    tokens, turn = chat_turn(TOKENIZER, history, third)
+    tokens, turn = chat_turn(TOKENIZER, history, third, [])
     assert turn.exact and tokens[0] == END_OF_MESSAGE and tokens[1:] == TOKENIZER.encode_chat(third)
 
 
 def test_a_reply_the_template_renders_otherwise_falls_back_to_the_new_messages():
     history = ChatHistory()
-    _, turn = chat_turn(TOKENIZER, history, [("user", "hi")])
-    turn.record(history, "\ufffd", [0xE6])  # a broken character: its text re-encodes to other bytes
-    tokens, turn = chat_turn(TOKENIZER, history, [("user", "next")])
+    _, turn = chat_turn(TOKENIZER, history, [("user", "hi")], [])
+    turn.record(history, "\ufffd", [0xE6], KEEP)  # a broken character: its text re-encodes to other bytes
+    tokens, turn = chat_turn(TOKENIZER, history, [("user", "next")], [])
     assert not turn.exact and tokens == TOKENIZER.encode_chat([("user", "next")])
-    turn.record(
-        history, "ok", [*TOKENIZER.encode("ok"), END_OF_MESSAGE]
-    )  # the rendering is the reference again
-    tokens, turn = chat_turn(TOKENIZER, history, [("user", "last")])
+    # the rendering is the reference again
+    turn.record(history, "ok", [*TOKENIZER.encode("ok"), END_OF_MESSAGE], KEEP)
+    tokens, turn = chat_turn(TOKENIZER, history, [("user", "last")], [])
     assert turn.exact and tokens == TOKENIZER.encode_chat([("user", "last")])
+
+
+def test_a_conversation_past_the_history_bound_renders_the_new_messages_alone():
+    history = ChatHistory()
+    _, turn = chat_turn(TOKENIZER, history, [("user", "a"), ("user", "b")], [])
+    turn.record(history, "ok", [*TOKENIZER.encode("ok"), END_OF_MESSAGE], keep=2)
+    assert history.conversation is None
+    tokens, turn = chat_turn(TOKENIZER, history, [("user", "c")], [])
+    assert not turn.exact and tokens == TOKENIZER.encode_chat([("user", "c")])
 
 
 def test_a_template_that_refuses_the_messages_is_a_bad_request(tmp_path):

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 
 import pytest
 from support import ROOT
 
+import model.evaluate
+import model.train
+import scheduler.worker
 from server import cli
+from server.app import create_app
 from server.cli import main, settings_from_args
 from server.context import build_server
 from server.settings import Settings
@@ -63,18 +69,53 @@ def test_invalid_settings_and_commands(capsys):
         assert main(["serve", "--sleep-worker", worker, "--device", "cuda"]) == 2
         assert f"sleep_worker={worker} runs on CPU" in capsys.readouterr().err
     assert main(["serve", "--sleep-worker", "fork"]) == 2
-    assert "sleep_worker" in capsys.readouterr().err
+    assert "--sleep-worker / SLEEPSERVE_SLEEP_WORKER" in capsys.readouterr().err
     for worker in ("thread", "interleaved", "offload", "auto"):
         assert main(["serve", "--sleeper-nice", "10", "--sleep-worker", worker]) == 2
         assert "sleeper_nice sets the sleeper process's priority" in capsys.readouterr().err
     assert main(["serve", "--sleeper-nice", "20"]) == 2
-    assert "sleeper_nice" in capsys.readouterr().err
+    assert "--sleeper-nice / SLEEPSERVE_SLEEPER_NICE" in capsys.readouterr().err
     assert main(["serve", "--sleep-share", "1"]) == 2
-    assert "sleep_share" in capsys.readouterr().err
+    assert "--sleep-share / SLEEPSERVE_SLEEP_SHARE" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
     assert main(["--help"]) == 0
     assert "worker" in capsys.readouterr().out
+
+
+def test_invalid_settings_read_as_one_line_per_setting(monkeypatch, capsys):
+    """A bad value names its flag and environment variable and what it got, without pydantic's
+    error dump (its links, its "For further information")."""
+    monkeypatch.setenv("SLEEPSERVE_PORT", "eighty")
+    assert main(["serve", "--sleep-passes", "many", "--sleep-share", "2"]) == 2
+    error = capsys.readouterr().err
+    lines = error.strip().splitlines()
+    assert lines[0] == "sleepserve: invalid settings:" and len(lines) == 4, error
+    assert "--port / SLEEPSERVE_PORT: Input should be a valid integer" in error and "'eighty'" in error
+    assert "--sleep-passes / SLEEPSERVE_SLEEP_PASSES:" in error and "Input should be 'auto'" in error
+    assert "--sleep-share / SLEEPSERVE_SLEEP_SHARE: Input should be less than 1 (got 2.0)" in error
+    assert "pydantic" not in error and "http" not in error and "validation error" not in error
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"sleepserve {version('sleepserve')} (torch ")
+
+
+@pytest.mark.parametrize(
+    "parser",
+    [cli.serve_parser, model.train.build_parser, model.evaluate.build_parser, scheduler.worker.build_parser],
+)
+def test_every_help_shows_the_defaults(parser):
+    """Each option that takes a value says its default in `--help` (a value, or what leaving it out
+    means)."""
+    built = parser()
+    formatter = built._get_formatter()
+    for action in built._actions:
+        if action.nargs == 0 or action.required:  # --help and switches; --out of train
+            continue
+        shown = formatter._expand_help(action) if action.help else ""
+        assert "default" in shown, f"{built.prog} {action.option_strings}: {shown!r}"
 
 
 def test_missing_subcommand_module_is_reported(monkeypatch, capsys):
@@ -115,7 +156,7 @@ def test_cpu_affinity_outside_the_allowed_cpus_or_malformed_is_refused(capsys):
     with pytest.raises(ValueError, match="may only use CPUs"):
         cli.server_cpus(settings_from_args(["--cpu-affinity", "7"]), {0, 1}, 1)
     assert main(["serve", "--cpu-affinity", "first"]) == 2
-    assert "cpu_affinity" in capsys.readouterr().err
+    assert "--cpu-affinity / SLEEPSERVE_CPU_AFFINITY: cpu_affinity is auto" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -162,3 +203,25 @@ def test_serve_time_sleep_settings_reach_the_model(tiny_checkpoint, capsys):
     assert "FIRST:LAST" in capsys.readouterr().err
     assert main(["serve", "--model", str(tiny_checkpoint()), "--sleep-blocks", "0:9"]) == 2
     assert "sleep_blocks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,environ,expected",
+    [
+        ([], {}, 1),  # the server's own choice, whatever the machine
+        (["--device", "cuda"], {}, 1),
+        ([], {"OMP_NUM_THREADS": "3"}, 3),
+        (["--torch-threads", "2"], {"OMP_NUM_THREADS": "3"}, 2),
+    ],
+)
+def test_the_server_picks_its_torch_threads(flags, environ, expected):
+    assert cli.torch_threads(settings_from_args(flags), environ) == expected
+
+
+async def test_the_memory_store_does_not_claim_to_save_sessions_at_exit(tiny_checkpoint, caplog):
+    app = create_app(Settings(checkpoint=tiny_checkpoint(), store="memory"))
+    with caplog.at_level(logging.INFO, logger="sleepserve"):
+        async with app.router.lifespan_context(app):
+            pass
+    assert "the in-memory sessions end with the process" in caplog.text
+    assert "sessions saved" not in caplog.text
