@@ -110,8 +110,9 @@ def _served_openapi(app: FastAPI, server: Server) -> Callable[[], dict]:
                 for cap in ("max_tokens", "max_completion_tokens"):
                     if cap in fields:
                         fields[cap]["anyOf"][0]["maximum"] = server.settings.max_tokens
-            token_ids = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"][2]["items"]
-            token_ids["maximum"] = server.tokenizer.vocab_size - 1
+            prompt = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+            for token_ids in (prompt[2]["items"], prompt[3]["items"]["items"]):  # ids, a list of one
+                token_ids["maximum"] = server.tokenizer.vocab_size - 1
         return app.openapi_schema
 
     return openapi

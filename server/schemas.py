@@ -146,16 +146,24 @@ def _check_unicode(value: object) -> None:
             _check_unicode(item)
 
 
+# JSON Schema rules between fields: `stream_options` needs `stream: true`; `top_logprobs`, `logprobs: true`.
+_STREAM_OPTIONS_RULE = {
+    "if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+    "else": {"properties": {"stream_options": {"type": "null"}}},
+}
+_TOP_LOGPROBS_RULE = {
+    "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+    "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+}
+
+
 class _Request(BaseModel):
     # OpenAI fields we do not use (user, …) pass. Strict: JSON types as the schema has
     # them (no 0 for false, no false for a token id). `stream_options` needs `stream: true`.
     model_config = ConfigDict(
         extra="allow",
         strict=True,
-        json_schema_extra={
-            "if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
-            "else": {"properties": {"stream_options": {"type": "null"}}},
-        },
+        json_schema_extra=_STREAM_OPTIONS_RULE,
     )
 
     @model_validator(mode="after")
@@ -237,6 +245,8 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_RULE, _TOP_LOGPROBS_RULE]})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: _int(ge=1) | None = None
     logprobs: bool = Field(False, description="Return the log-probability of each generated token.")

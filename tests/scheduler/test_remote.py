@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -23,8 +24,6 @@ from model.state import SessionState
 from scheduler.redis_state import RedisSessions, VersionConflict, split_record
 from scheduler.remote import enqueue_idle_job, parse_job
 from scheduler.worker import Worker, WorkerMetrics, WorkerOptions
-from server.chat import ChatHistory
-from server.sessions import pack_record
 from server.stores import RedisStore
 from server.stores import VersionConflict as StoreConflict
 
@@ -45,8 +44,9 @@ def names() -> dict[str, str]:
 
 
 def record(blob: bytes, history: list[str]) -> bytes:
-    """The server's store record around a state blob, with chat messages `history` (user turns)."""
-    return pack_record(blob, ChatHistory([("user", text) for text in history]))
+    """The server's store record around a state blob (server/sessions.py pack_record)."""
+    sidecar = ('{"messages":[' + ",".join(f'"{h}"' for h in history) + "]}").encode()
+    return b"SSR1" + struct.pack("<I", len(sidecar)) + sidecar + blob
 
 
 def make_state(model: HybridLM, tokens: int, seed: int = 0) -> SessionState:
