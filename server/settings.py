@@ -185,7 +185,8 @@ class Settings(BaseSettings):
         1024,
         ge=1,
         description="chat message hashes a session record keeps to recognise a re-sent history (the "
-        "first and the latest; those between are counted and trusted)",
+        "first and the latest; those between are counted and trusted); a conversation up to this many "
+        "messages is also kept whole for the chat template (longer: new messages are rendered alone)",
     )
     session_signing_key: SecretStr | None = Field(
         None,
