@@ -1,13 +1,14 @@
-"""Chat sessions: which messages a session has consumed, and the tokens a new turn feeds.
+"""Chat sessions: the tokens a new turn feeds.
 
 A session's tokens are what the model's chat template renders for the whole conversation, whatever the
 template: each turn renders the conversation so far (the session's messages, its replies included, then
 the new ones, then the generation prompt) and feeds what follows the tokens the session already
 consumed, once it has checked that the rendering starts with exactly those tokens (by a digest: the
 session keeps their count and a SHA-256 of them, not the tokens). Where the check fails (a template that
-rewrites past turns, such as one that drops a reply's reasoning, a reply whose tokens are not how the
-tokenizer would encode its text, or a completion or an aborted turn in between), the new messages are
-rendered on their own and fed, and the session takes the rendering as its reference from then on.
+rewrites past turns, such as one that drops a reply's reasoning, or a reply whose tokens are not how the
+tokenizer would encode its text), the new messages are rendered on their own and fed, and the session
+takes the rendering as its reference from then on. Tokens a session takes outside its chat turns (a
+completion on it, a prompt cut short by a disconnect) stay in its context: the check does not see them.
 
 The messages themselves are kept (a template needs them all), within the bound on a session's chat
 history (`history_limit` messages: past it the new messages are always rendered alone): the session
