@@ -11,6 +11,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "multiturn": ("bench.multiturn", "sleepserve vs full attention vs transformers by context length"),
     "state": ("bench.state", "session state size and store round trip by context length"),
     "decode-scaling": ("bench.decode_scaling", "per-token decode latency against context position"),
+    "real-decode": (
+        "bench.real_decode",
+        "a Qwen3.5-shaped model: sleepserve vs transformers, latency by context",
+    ),
     "sleep-overlap": ("bench.sleep_overlap", "sleep off the decode path: overlap with decoding"),
     "engine-itl": ("bench.engine_itl", "sleep-overlap's streams at the engine, without HTTP or a client"),
     "sleep-pass": ("bench.sleep_pass", "what one sleep of N passes costs the decode thread"),

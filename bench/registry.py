@@ -61,6 +61,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     ),
     Benchmark("evaluation", "bench.evaluation", "evaluation.json", "--per-difficulty 4", True),
     Benchmark(
+        "real-decode", "bench.real_decode", "real_decode.json", "--smoke", in_suite=True, takes_threads=True
+    ),
+    Benchmark(
         "reproduce",
         "bench.reproduce",
         "reproduction.json",

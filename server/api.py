@@ -10,6 +10,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path as FilePath
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Request
@@ -17,10 +18,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.convertors import Convertor, register_url_convertor
 
-from model.tokenizer import END_OF_MESSAGE, EOS, N_TOKENS
+from server.chat import ChatTurn, chat_turn, render
 from server.context import Server
 from server.engine import SamplingParams
 from server.errors import APIError, bad_request
+from server.logprobs import LogprobFormatter
 from server.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -28,7 +30,9 @@ from server.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CreateSessionRequest,
@@ -132,8 +136,11 @@ async def list_models(server: ServerDep) -> ModelList:
     c = server.model.config
     card = ModelCard(
         id=server.model_name,
-        created=int(server.settings.checkpoint.stat().st_mtime) if server.settings.checkpoint.exists() else 0,
+        created=int(folder.stat().st_mtime)
+        if (folder := FilePath(server.settings.model_path)).exists()
+        else 0,
         max_model_len=server.settings.max_tokens,
+        family=server.family,
         window=c.window,
         schedule=c.schedule,
         sleep_passes=server.passes,
@@ -155,8 +162,14 @@ async def completions(
     Past `request_timeout` the answer is 408 (a stream ends with an error event before `[DONE]`); the
     session keeps every token processed. 409: the session is busy; 429 (Retry-After): queue full."""
     arrival = time.monotonic()
-    params = _sampling(server, body, body.max_tokens, {EOS})
-    prompt = _completion_prompt(body.prompt, server.settings.max_prompt_tokens)
+    params = _sampling(
+        server,
+        body,
+        body.max_tokens,
+        logprobs=body.logprobs,
+        prompt_logprobs=body.logprobs if body.echo else None,
+    )
+    prompt, prompt_text = _completion_prompt(server, body.prompt)
     turn = await Turn.start(
         server.turns,
         session_id=_session_id(body, x_session_id),
@@ -165,7 +178,7 @@ async def completions(
         params=params,
         arrival=arrival,
     )
-    return await _respond(turn, request, body, _CompletionFormat(server, body))
+    return await _respond(turn, request, body, _CompletionFormat(server, body, prompt, prompt_text))
 
 
 @v1.post(
@@ -184,15 +197,22 @@ async def chat_completions(
     """Chat completion. With a session, send only the new messages or the whole history: the messages the
     session already consumed (its replies included) are recognised and skipped."""
     arrival = time.monotonic()
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = _sampling(server, body, max_tokens, {EOS, END_OF_MESSAGE})
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = _sampling(server, body, max_tokens, logprobs=logprobs)
+    messages = [(m.template_role(), m.text()) for m in body.messages]
 
-    def build_prompt(checkout: Checkout | None) -> tuple[list[int], list[str] | None]:
-        start = new_chat_messages(body.messages, checkout.history) if checkout else 0
-        new = body.messages[start:]
-        tokens = server.tokenizer.encode_chat([(m.template_role(), m.text()) for m in new])
+    def build_prompt(checkout: Checkout | None) -> tuple[list[int], ChatTurn | None]:
+        if checkout is None:
+            tokens, turn = render(server.tokenizer, messages), None
+        else:
+            start = new_chat_messages(body.messages, checkout.history)
+            hashes = [message_hash(m) for m in body.messages[start:]]
+            tokens, turn = chat_turn(server.tokenizer, checkout.history, messages[start:], hashes)
         _check_prompt_size(len(tokens), server.settings.max_prompt_tokens, "messages")
-        return tokens, [message_hash(m) for m in new]
+        return tokens, turn
 
     turn = await Turn.start(
         server.turns,
@@ -200,14 +220,17 @@ async def chat_completions(
         owner=owner,
         build_prompt=build_prompt,
         params=params,
-        close_token=END_OF_MESSAGE,
         arrival=arrival,
     )
     return await _respond(turn, request, body, _ChatFormat(server, body))
 
 
 def _sampling(
-    server: Server, body: SamplingRequest, max_tokens: int | None, stop_tokens: set[int]
+    server: Server,
+    body: SamplingRequest,
+    max_tokens: int | None,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     if body.model != server.model_name:
         raise APIError(
@@ -230,18 +253,22 @@ def _sampling(
         top_k=max(body.top_k, 0),
         seed=None if body.seed is None else body.seed % 2**64,  # what torch.Generator takes
         stop=body.stops(),
-        stop_tokens=frozenset() if body.ignore_eos else frozenset(stop_tokens),
+        stop_tokens=frozenset() if body.ignore_eos else server.tokenizer.eos_ids,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
-def _completion_prompt(prompt: str | list[str] | list[int], max_tokens: int) -> list[int]:
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+def _completion_prompt(server: Server, prompt: str | list) -> tuple[list[int], str]:
+    """The prompt's token ids and its text (what echo returns)."""
+    if isinstance(prompt, list) and not isinstance(prompt[0], int):
         prompt = prompt[0]  # the schema allows exactly one
-    tokens = list(prompt.encode("utf-8")) if isinstance(prompt, str) else list(prompt)
-    _check_prompt_size(len(tokens), max_tokens, "prompt")
-    if any(not 0 <= t < N_TOKENS for t in tokens):
-        raise bad_request(f"prompt token ids must lie in [0, {N_TOKENS})", "prompt")
-    return tokens
+    tokens = server.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    _check_prompt_size(len(tokens), server.settings.max_prompt_tokens, "prompt")
+    vocab = server.tokenizer.vocab_size
+    if any(not 0 <= t < vocab for t in tokens):
+        raise bad_request(f"prompt token ids must lie in [0, {vocab})", "prompt")
+    return tokens, prompt if isinstance(prompt, str) else server.tokenizer.decode(tokens)
 
 
 def _check_prompt_size(n_tokens: int, limit: int, param: str) -> None:
@@ -282,37 +309,78 @@ class _Format:
         # As OpenAI: with include_usage every chunk carries "usage" (null until the last one).
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.hidden = set() if self.include_usage else {"usage"}
+        self.logprobs = LogprobFormatter(server.tokenizer)
 
     def first(self) -> list[dict]:
-        """Chunks sent before any text."""
+        """Chunks sent before any output."""
         return []
 
 
 class _CompletionFormat(_Format):
     prefix = "cmpl"
 
-    def chunk(self, text: str, finish_reason: str | None) -> dict:
-        return CompletionResponse(
-            id=self.id, model=self.model, choices=[CompletionChoice(text=text, finish_reason=finish_reason)]
-        ).model_dump(exclude={"session_id", *self.hidden})
+    def __init__(self, server: Server, body: CompletionRequest, prompt: list[int], prompt_text: str) -> None:
+        super().__init__(server, body)
+        self.scored = body.logprobs is not None
+        self.prompt, self.echo = prompt, prompt_text if body.echo else None
+
+    def _piece(self, out: Output) -> tuple[str, CompletionLogprobs | None]:
+        """The text and logprobs an output adds to the choice."""
+        if out.prompt_logprobs is not None:  # echo with logprobs: the prompt, once it is in
+            logprobs = self.logprobs.completion(self.prompt, out.prompt_logprobs)
+            self.logprobs.offset = len(self.echo)
+            return self.echo + out.text, logprobs
+        tokens = [e.token for e in out.logprobs]
+        return out.text, self.logprobs.completion(tokens, out.logprobs) if self.scored else None
+
+    def first(self) -> list[dict]:
+        if self.echo is None or self.scored:  # with logprobs, the prompt comes once scored
+            return []
+        return [self._response(CompletionChoice(text=self.echo), exclude={"session_id", *self.hidden})]
+
+    def _response(self, choice: CompletionChoice, exclude: set[str], **fields) -> dict:
+        response = CompletionResponse(id=self.id, model=self.model, choices=[choice], **fields)
+        return response.model_dump(exclude=exclude)
+
+    def chunk(self, out: Output) -> dict | None:
+        text, logprobs = self._piece(out)
+        if not text and not (logprobs and logprobs.tokens) and out.finish_reason is None:
+            return None
+        choice = CompletionChoice(text=text, logprobs=logprobs, finish_reason=out.finish_reason)
+        return self._response(choice, exclude={"session_id", *self.hidden})
 
     def usage_chunk(self, usage: Usage) -> dict:
         return CompletionResponse(id=self.id, model=self.model, choices=[], usage=usage).model_dump(
             exclude={"session_id"}
         )
 
-    def full(self, text: str, finish_reason: str, usage: Usage, session_id: str | None) -> dict:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason)
-        return CompletionResponse(
-            id=self.id, model=self.model, choices=[choice], usage=usage, session_id=session_id
-        ).model_dump()
+    def full(self, outs: list[Output], usage: Usage, session_id: str | None) -> dict:
+        pieces = [self._piece(out) for out in outs]
+        text = "".join(text for text, _ in pieces)
+        if self.echo is not None and not self.scored:
+            text = self.echo + text
+        logprobs = None
+        if self.scored:
+            parts = [p for _, p in pieces if p is not None]
+            logprobs = CompletionLogprobs(
+                **{
+                    name: [x for part in parts for x in getattr(part, name)]
+                    for name in CompletionLogprobs.model_fields
+                }
+            )
+        choice = CompletionChoice(text=text, logprobs=logprobs, finish_reason=outs[-1].finish_reason)
+        return self._response(choice, exclude=set(), usage=usage, session_id=session_id)
 
 
 class _ChatFormat(_Format):
     prefix = "chatcmpl"
 
-    def _chunk(self, delta: Delta, finish_reason: str | None) -> dict:
-        choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+    def __init__(self, server: Server, body: ChatCompletionRequest) -> None:
+        super().__init__(server, body)
+        self.scored = body.logprobs
+
+    def _chunk(self, delta: Delta, finish_reason: str | None, logprobs: ChatLogprobs | None = None) -> dict:
+        choice = ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)
         return ChatCompletionChunk(id=self.id, model=self.model, choices=[choice]).model_dump(
             exclude=self.hidden
         )
@@ -320,14 +388,22 @@ class _ChatFormat(_Format):
     def first(self) -> list[dict]:
         return [self._chunk(Delta(role="assistant", content=""), None)]
 
-    def chunk(self, text: str, finish_reason: str | None) -> dict:
-        return self._chunk(Delta(content=text) if text else Delta(), finish_reason)
+    def chunk(self, out: Output) -> dict | None:
+        logprobs = self.logprobs.chat(out.logprobs) if self.scored and out.logprobs else None
+        if not out.text and logprobs is None and out.finish_reason is None:
+            return None
+        delta = Delta(content=out.text) if out.text else Delta()
+        return self._chunk(delta, out.finish_reason, logprobs)
 
     def usage_chunk(self, usage: Usage) -> dict:
         return ChatCompletionChunk(id=self.id, model=self.model, choices=[], usage=usage).model_dump()
 
-    def full(self, text: str, finish_reason: str, usage: Usage, session_id: str | None) -> dict:
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
+    def full(self, outs: list[Output], usage: Usage, session_id: str | None) -> dict:
+        text = "".join(out.text for out in outs)
+        logprobs = self.logprobs.chat([e for out in outs for e in out.logprobs]) if self.scored else None
+        choice = ChatChoice(
+            message=AssistantMessage(content=text), logprobs=logprobs, finish_reason=outs[-1].finish_reason
+        )
         response = ChatCompletionResponse(
             id=self.id, model=self.model, choices=[choice], usage=usage, session_id=session_id
         )
@@ -360,29 +436,24 @@ async def _respond(turn: Turn, request: Request, body: SamplingRequest, fmt: _Fo
         return StreamingResponse(_stream(turn, fmt), media_type="text/event-stream", headers=headers)
     watcher = asyncio.create_task(_abort_on_disconnect(request, turn))
     try:
-        text = []
-        async for out in turn.outputs():
-            text.append(out.text)
+        outs = [out async for out in turn.outputs()]
     finally:
         watcher.cancel()
-    error = _final_error(turn, out)
+    error = _final_error(turn, outs[-1])
     if error is not None:
         raise error
-    return JSONResponse(
-        fmt.full("".join(text), out.finish_reason, _usage(out.stats), session_id), headers=headers
-    )
+    return JSONResponse(fmt.full(outs, _usage(outs[-1].stats), session_id), headers=headers)
 
 
 async def _stream(turn: Turn, fmt: _Format) -> AsyncIterator[str]:
     for chunk in fmt.first():
         yield _sse(chunk)
     async for out in turn.outputs():
-        if out.finish_reason is None:
-            yield _sse(fmt.chunk(out.text, None))
-            continue
-        error = _final_error(turn, out)
-        yield _sse(error.body() if error else fmt.chunk("", out.finish_reason))
-        if fmt.include_usage:
+        error = _final_error(turn, out) if out.finish_reason is not None else None
+        chunk = error.body() if error else fmt.chunk(out)
+        if chunk is not None:
+            yield _sse(chunk)
+        if out.finish_reason is not None and fmt.include_usage:
             yield _sse(fmt.usage_chunk(_usage(out.stats)))
     yield "data: [DONE]\n\n"
 

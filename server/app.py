@@ -25,8 +25,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     server: Server = app.state.server
     c = server.model.config
     log.info(
-        "checkpoint %s (fingerprint %s…): %d layers %s, d_model %d, window %d, vocab %d, variable_chunks %s",
-        server.settings.checkpoint,
+        "%s checkpoint %s (fingerprint %s…): %d layers %s, d_model %d, window %d, vocab %d, variable_chunks %s",
+        server.family,
+        server.settings.model_path,
         server.fingerprint[:12],
         len(c.layers),
         "/".join(c.layers),
@@ -109,8 +110,9 @@ def _served_openapi(app: FastAPI, server: Server) -> Callable[[], dict]:
                 for cap in ("max_tokens", "max_completion_tokens"):
                     if cap in fields:
                         fields[cap]["anyOf"][0]["maximum"] = server.settings.max_tokens
-            token_ids = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"][2]["items"]
-            token_ids["maximum"] = server.tokenizer.vocab_size - 1
+            prompt = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+            for token_ids in (prompt[2]["items"], prompt[3]["items"]["items"]):  # ids, a list of one
+                token_ids["maximum"] = server.tokenizer.vocab_size - 1
         return app.openapi_schema
 
     return openapi

@@ -38,11 +38,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
 SERVE_FLAGS: list[tuple[str, str, Callable, str]] = [
     ("--host", "host", str, "bind address"),
     ("--port", "port", int, "port"),
-    ("--checkpoint", "checkpoint", str, "checkpoint folder (model.safetensors + config.json)"),
-    ("--model-name", "model_name", str, "served model id (default: the checkpoint folder's name)"),
+    ("--model", "model", str, "checkpoint folder or Hugging Face hub id (default: the shipped demo)"),
+    (
+        "--checkpoint",
+        "checkpoint",
+        str,
+        "a checkpoint folder: the older name of --model (default: the shipped demo)",
+    ),
+    ("--served-model-name", "served_model_name", str, "model id clients send (default: the folder's name)"),
+    ("--dtype", "dtype", str, "weights' dtype: float32 | bfloat16 | float16 (default: float32 on CPU)"),
     ("--device", "device", str, "torch device"),
     ("--store", "store", str, "session store: memory | redis://host:port/db"),
+    ("--window", "window", int, "sleep window L in tokens (default: the checkpoint's or its family's)"),
     ("--schedule", "schedule", str, "hard | lagged (default: the checkpoint's)"),
+    (
+        "--sleep-blocks",
+        "sleep_blocks",
+        str,
+        "FIRST:LAST: the blocks [FIRST, LAST) that loop in a sleep (default: all)",
+    ),
     ("--sleep-mode", "sleep_mode", str, "background (off the decode path) | inline"),
     (
         "--sleep-worker",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
 from redis import asyncio as aioredis
 
-from model.checkpoint import fingerprint, load_checkpoint
+from model.checkpoint import fingerprint
 from model.hybrid import HybridLM
-from model.tokenizer import ByteTokenizer
+from model.loading import LoadedModel, load_model
+from model.tokenizer import ByteTokenizer, Tokenizer
 from scheduler.isolation import create_executor
 from scheduler.policy import DepthPolicy
 from server.engine import Engine
@@ -40,39 +42,43 @@ class Server:
     engine: Engine
     sessions: SessionManager
     turns: TurnContext
-    tokenizer: ByteTokenizer
+    tokenizer: Tokenizer
+    family: str
 
     @property
     def model_name(self) -> str:
         return self.settings.served_model_name
 
 
-def load_model(settings: Settings) -> HybridLM:
-    """The checkpoint of `settings`, served with the schedule asked for (default: its own)."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load(settings: Settings) -> LoadedModel:
+    """The model of `settings`, with its serve-time sleep settings where given."""
     try:
-        model = load_checkpoint(settings.checkpoint, settings.device)
-    except FileNotFoundError as exc:
-        raise CheckpointError(
-            f"cannot load checkpoint {settings.checkpoint}: {exc}. Train one (`sleepserve train`) or point "
-            f"SLEEPSERVE_CHECKPOINT / --checkpoint at a folder with model.safetensors and config.json."
-        ) from exc
-    schedule = settings.schedule or model.config.schedule
-    if schedule != model.config.schedule:
-        log.warning(
-            "checkpoint was trained with the %r schedule, serving it with %r", model.config.schedule, schedule
+        return load_model(
+            settings.model_path,
+            dtype=DTYPES[settings.dtype] if settings.dtype else None,
+            device=settings.device,
+            window=settings.window,
+            schedule=settings.schedule,
+            sleep_passes=settings.sleep_passes if isinstance(settings.sleep_passes, int) else None,
+            sleep_blocks=settings.sleep_block_range,
         )
-        model.config = model.config.replace(schedule=schedule)
-    return model
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"cannot load checkpoint {settings.model_path}: {exc}") from exc
+    except ValueError as exc:  # an unsupported model type, sleep settings that do not fit the model
+        raise CheckpointError(f"cannot serve {settings.model_path}: {exc}") from exc
 
 
 def build_server(
     settings: Settings, model: HybridLM | None = None, sleeper_cpus: set[int] | None = None
 ) -> Server:
-    """The server of `settings` (`model`: instead of loading the checkpoint). `sleeper_cpus`: the CPUs
+    """The server of `settings` (`model`: a native model to serve instead of loading one). `sleeper_cpus`: the CPUs
     its threads leave free (`server.cli.sleeper_cpus`), where a sleeper process runs, and where
     `sleep_worker=auto` offloads sleep on CPU (without them it sleeps interleaved)."""
-    model = model if model is not None else load_model(settings)
-    config = model.config
+    loaded = load(settings) if model is None else LoadedModel(model, ByteTokenizer(), "sleepy", "")
+    model, config = loaded.model, loaded.model.config
     fixed = settings.sleep_passes if isinstance(settings.sleep_passes, int) else config.sleep_passes
     passes = min(max(fixed, settings.min_passes), settings.max_passes)
     metrics = Metrics()
@@ -112,6 +118,7 @@ def build_server(
         max_running=settings.max_running,
         max_waiting=settings.max_waiting,
         prefill_chunk=settings.prefill_chunk,
+        tokenizer=loaded.tokenizer,
     )
     digest = fingerprint(model)
     sessions = SessionManager(
@@ -139,4 +146,16 @@ def build_server(
             sessions, settings.idle_consolidation, settings.max_passes, remote, settings.sleep_stream
         )
     turns = TurnContext(model, engine, sessions, settings.request_timeout, set(), idle)
-    return Server(settings, model, digest, passes, metrics, store, engine, sessions, turns, ByteTokenizer())
+    return Server(
+        settings,
+        model,
+        digest,
+        passes,
+        metrics,
+        store,
+        engine,
+        sessions,
+        turns,
+        loaded.tokenizer,
+        loaded.family,
+    )

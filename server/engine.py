@@ -65,7 +65,7 @@ from model.session import (
     room_in_chunk,
 )
 from model.state import SessionState
-from model.tokenizer import EOS, StreamDecoder
+from model.tokenizer import EOS, ByteTokenizer, StreamDecoder, TextStream, Tokenizer
 from scheduler.executor import SleepExecutor, SleepResult
 from scheduler.jobs import ConsolidationJob
 from scheduler.policy import DecodeRate, sleep_deadline
@@ -91,6 +91,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings: excluded from the text, which ends before them
     stop_tokens: frozenset[int] = frozenset({EOS})
+    # Log-probabilities (of the model's own distribution, before temperature and top-k/p) of each
+    # generated token, with this many likeliest alternatives (None: none), and of the prompt's tokens
+    # (completions' echo).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -98,10 +103,9 @@ class EngineRequest:
     state: SessionState  # updated in place
     prompt: list[int]  # the new tokens to feed (non-empty)
     params: SamplingParams
-    # Stateful requests feed their last token too (the reply joins the session), then `close_token`
-    # when the reply did not end with it (chat: <|end|>). Stateless ones stop at the last sample.
+    # Stateful requests feed their last token too (the reply joins the session); stateless ones stop at
+    # the last sample.
     stateful: bool = False
-    close_token: int | None = None
     arrival: float = field(default_factory=time.monotonic)
     timeout: float | None = None
 
@@ -116,15 +120,43 @@ class TurnStats:
     session_tokens_total: int = 0
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token, its log-probability and the likeliest alternatives at its position, as (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """The log-probabilities of `tokens` [T] under logits [T, vocab] (row t predicts tokens[t]), each
+    with its `top` likeliest alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    values, ids = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
+    return [
+        TokenLogprob(token, logprob, tuple(zip(row_ids, row_values, strict=True)))
+        for token, logprob, row_ids, row_values in zip(
+            tokens, chosen, ids.tolist(), values.tolist(), strict=True
+        )
+    ]
+
+
 @dataclass
 class Output:
     """A piece of generated text; the last one of a request has `finish_reason` and `stats`."""
 
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens generated since the last
+    # The prompt's tokens (params.prompt_logprobs), in one output once the whole prompt is in; None for
+    # a first token that follows nothing (a new sequence).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     stats: TurnStats | None = None
     prompt_complete: bool = True  # False when the request ended before its whole prompt was fed
     reply: str = ""  # the last output: the whole generated text
+    reply_tokens: list[int] = field(default_factory=list)  # the last output: the generated ids fed
     error: str = ""  # finish_reason "error": what failed
 
 
@@ -169,7 +201,7 @@ class Sequence:
     cache: WindowCache | None = None
     logits: Tensor | None = None  # after the last fed token
     fed: int = 0  # prompt tokens fed so far (an offset, so that a slice never copies the rest)
-    pending: list[int] = field(default_factory=list)  # sampled (or closing) tokens not fed yet
+    pending: list[int] = field(default_factory=list)  # sampled tokens not fed yet
     generated: list[int] = field(default_factory=list)
     text: str = ""  # generated text so far (cut before a stop string)
     sent: int = 0  # characters of `text` already emitted
@@ -179,7 +211,9 @@ class Sequence:
     done: bool = False  # its last output is out
     stats: TurnStats = field(default_factory=TurnStats)
     generator: torch.Generator | None = None
-    decoder: StreamDecoder = field(default_factory=StreamDecoder)
+    decoder: TextStream = field(default_factory=StreamDecoder)  # the model's tokenizer's (`submit`)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # generated, not yet sent
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     last_token_at: float = 0.0
     # Background sleep (with an executor): the pending consolidation of the tail's first chunk, and
     # since when the sequence has been waiting at a boundary for it.
@@ -276,12 +310,15 @@ class Engine:
         max_waiting: int = 256,
         prefill_chunk: int | None = None,
         executor: SleepExecutor | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         """`passes`: N of every sleep; None lets the executor's depth policy choose it per job.
-        `executor`: where sleeps run; None: inline, on the decode thread."""
+        `executor`: where sleeps run; None: inline, on the decode thread. `tokenizer`: the model's, which
+        turns generated ids into text (default: the native byte tokenizer)."""
         if passes is None and (executor is None or executor.policy is None):
             raise ValueError("adaptive depth (passes=None) needs an executor with a depth policy")
         self.model, self.passes, self.metrics = model, passes, metrics
+        self.tokenizer = tokenizer or ByteTokenizer()
         self.executor = executor
         self.max_running, self.max_waiting = max_running, max_waiting
         self.prefill_chunk = prefill_chunk or 4 * model.config.window
@@ -321,6 +358,7 @@ class Engine:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         seq = Sequence(f"{next(self._ids)}-{secrets.token_hex(4)}", request, asyncio.get_running_loop())
         seq.handle = RequestHandle(self, seq)
+        seq.decoder = self.tokenizer.stream_decoder()
         seq.stops = StopMatcher(request.params.stop)
         if request.timeout is not None:
             seq.deadline = request.arrival + request.timeout
@@ -464,6 +502,8 @@ class Engine:
             if not finite[row]:
                 self._fail(seq, "the model produced non-finite logits for this request")
                 continue
+            if seq.request.params.prompt_logprobs is not None:
+                self._score_prompt(seq, piece, logits[row])
             seq.cache = window.select([row]) if len(group) > 1 else window
             seq.fed += n
             seq.stats.prompt_tokens += n
@@ -474,6 +514,16 @@ class Engine:
         for seq in group:
             if not seq.to_feed and seq.blocked_since is None and not seq.done:
                 self._prompt_fed(seq)
+
+    def _score_prompt(self, seq: Sequence, piece: list[int], logits: Tensor) -> None:
+        """The log-probabilities of a prompt piece: its first token after the logits that preceded it
+        (none for a new sequence's first token), the rest after the piece's own logits [n, vocab]."""
+        top = seq.request.params.prompt_logprobs
+        if seq.logits is None:
+            seq.prompt_logprobs.append(None)
+        else:
+            seq.prompt_logprobs += token_logprobs(seq.logits[None], piece[:1], top)
+        seq.prompt_logprobs += token_logprobs(logits[:-1], piece[1:], top)
 
     def _decode(self) -> int:
         """One token for every decoding sequence, as one batch; returns the number of sequences stepped."""
@@ -799,6 +849,8 @@ class Engine:
 
     def _prompt_fed(self, seq: Sequence) -> None:
         """The whole prompt is in: start replying (max_tokens 0: the request only fed its prompt)."""
+        if seq.request.params.prompt_logprobs is not None:
+            self._deliver(seq, Output("", prompt_logprobs=seq.prompt_logprobs))
         if seq.request.params.max_tokens == 0:
             self._finish(seq, "length")
         else:
@@ -818,6 +870,8 @@ class Engine:
         else:
             self.metrics.time_to_first_token.observe(now - seq.request.arrival)
         seq.last_token_at = now
+        if params.logprobs is not None:
+            seq.logprobs += token_logprobs(seq.logits[None], [token], params.logprobs)
         seq.generated.append(token)
         seq.stats.completion_tokens += 1
         self.metrics.generation_tokens.inc()
@@ -832,8 +886,7 @@ class Engine:
         if not seq.request.stateful:
             self._finish(seq, reason)
             return
-        close = seq.request.close_token
-        seq.pending = [token] if close is None or token == close else [token, close]
+        seq.pending = [token]
 
     def _append_text(self, seq: Sequence, token: int) -> str | None:
         """Add the token's text; on a stop string cut the text before it and return "stop"."""
@@ -850,8 +903,14 @@ class Engine:
         """Send the text not yet sent, holding back an end that may still become a stop string."""
         end = len(seq.text) if final else len(seq.text) - seq.stops.partial
         if end > seq.sent:
-            self._deliver(seq, Output(seq.text[seq.sent : end]))
+            self._deliver(seq, Output(seq.text[seq.sent : end], self._take_logprobs(seq)))
             seq.sent = end
+
+    @staticmethod
+    def _take_logprobs(seq: Sequence) -> list[TokenLogprob]:
+        """The generated tokens' log-probabilities not yet sent: they go with the next text sent."""
+        taken, seq.logprobs = seq.logprobs, []
+        return taken
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.done:  # failed earlier in this step
@@ -872,7 +931,16 @@ class Engine:
         self.metrics.request_success.labels(finished_reason=reason).inc()
         self.metrics.e2e_request_latency.observe(time.monotonic() - seq.request.arrival)
         final = Output(
-            "", reason, seq.stats, prompt_complete=not seq.to_feed, reply=seq.text, error=seq.error
+            "",
+            self._take_logprobs(seq),
+            finish_reason=reason,
+            stats=seq.stats,
+            prompt_complete=not seq.to_feed,
+            reply=seq.text,
+            reply_tokens=seq.generated[: len(seq.generated) - len(seq.pending)]
+            if seq.request.stateful
+            else [],
+            error=seq.error,
         )
         self._deliver(seq, final)
         self._outbox.append((seq.loop, _set_result, (seq.handle.result, final)))

@@ -80,11 +80,14 @@ def _stops(value: str | list[str] | None) -> str | list[str] | None:
     return value
 
 
-def _prompt(value: str | list[str] | list[int]) -> str | list[str] | list[int]:
+def _prompt(value: str | list) -> str | list:
     if not value:
         raise ValueError("prompt must not be empty")
-    if isinstance(value, list) and isinstance(value[0], str) and len(value) != 1:
-        raise ValueError("only one prompt per request is supported")
+    if isinstance(value, list) and not isinstance(value[0], int):  # a list of prompts
+        if len(value) != 1:
+            raise ValueError("only one prompt per request is supported")
+        if not value[0]:
+            raise ValueError("prompt must not be empty")
     for text in [value] if isinstance(value, str) else value:
         if isinstance(text, str) and not _utf8(text):
             raise ValueError("prompt must not be empty")
@@ -109,7 +112,7 @@ Stop = Annotated[
     ),
 ]
 Prompt = Annotated[
-    str | list[str] | list[Int],
+    str | list[str] | list[Int] | list[list[Int]],
     AfterValidator(_prompt),
     WithJsonSchema(
         {
@@ -117,8 +120,14 @@ Prompt = Annotated[
                 {"type": "string", "minLength": 1},
                 {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
                 {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                    "minItems": 1,
+                    "maxItems": 1,
+                },
             ],
-            "description": "Text, a list of one text, or token ids (non-empty).",
+            "description": "Text or token ids (non-empty), or a list of one of either.",
         }
     ),
 ]
@@ -137,16 +146,24 @@ def _check_unicode(value: object) -> None:
             _check_unicode(item)
 
 
+# JSON Schema rules between fields: `stream_options` needs `stream: true`; `top_logprobs`, `logprobs: true`.
+_STREAM_OPTIONS_RULE = {
+    "if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+    "else": {"properties": {"stream_options": {"type": "null"}}},
+}
+_TOP_LOGPROBS_RULE = {
+    "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+    "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+}
+
+
 class _Request(BaseModel):
-    # OpenAI fields we do not use (user, logprobs=False, …) pass. Strict: JSON types as the schema has
+    # OpenAI fields we do not use (user, …) pass. Strict: JSON types as the schema has
     # them (no 0 for false, no false for a token id). `stream_options` needs `stream: true`.
     model_config = ConfigDict(
         extra="allow",
         strict=True,
-        json_schema_extra={
-            "if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
-            "else": {"properties": {"stream_options": {"type": "null"}}},
-        },
+        json_schema_extra=_STREAM_OPTIONS_RULE,
     )
 
     @model_validator(mode="after")
@@ -192,6 +209,12 @@ class SamplingRequest(_Request):
 
 class CompletionRequest(SamplingRequest):
     prompt: Prompt
+    logprobs: _int(ge=0, le=5) | None = Field(
+        None,
+        description="Log-probabilities of each token with this many likeliest alternatives (as OpenAI, at "
+        "most 5).",
+    )
+    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs).")
 
 
 class TextPart(BaseModel):
@@ -222,8 +245,14 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_RULE, _TOP_LOGPROBS_RULE]})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: _int(ge=1) | None = None
+    logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
+    top_logprobs: _int(ge=0, le=20) | None = Field(
+        None, description="With logprobs: this many likeliest alternatives per token (at most 20)."
+    )
 
 
 class Usage(BaseModel):
@@ -244,10 +273,19 @@ def _now() -> int:
     return int(time.time())
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="None for a first token that follows nothing.")
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="The likeliest alternatives and the token itself, by token text."
+    )
+    text_offset: list[int] = Field(description="Where each token starts in the choice's text.")
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -261,6 +299,20 @@ class CompletionResponse(BaseModel):
     session_id: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="The token text's UTF-8 bytes.")
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -269,7 +321,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -291,7 +343,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -310,9 +362,10 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "sleepserve"
     max_model_len: int = Field(description="Most tokens one request may generate.")
-    window: int
+    family: str = Field(description="The checkpoint family: sleepy (native) or qwen3_5.")
+    window: int = Field(description="Tokens per sleep window L.")
     schedule: str
-    sleep_passes: int
+    sleep_passes: int = Field(description="Sleep passes N per window.")
     fingerprint: str
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from model.hybrid import HybridLM
 from model.session import new_state
+from server.chat import ChatTurn
 from server.engine import (
     Engine,
     EngineClosed,
@@ -31,9 +32,9 @@ from server.stores import StoreError, StoreUnavailable, VersionConflict
 
 log = logging.getLogger("sleepserve.serving")
 
-# What a request feeds, given its session checkout (None: stateless): the prompt tokens, and the
-# hashes of the chat messages they hold (None for a completion).
-PromptBuilder = Callable[[Checkout | None], tuple[list[int], list[str] | None]]
+# What a request feeds, given its session checkout (None: stateless): the prompt tokens, and the chat
+# turn they make (None for a completion or without a session).
+PromptBuilder = Callable[[Checkout | None], tuple[list[int], ChatTurn | None]]
 
 
 @dataclass
@@ -50,9 +51,9 @@ class TurnContext:
 
 class Turn:
     def __init__(
-        self, ctx: TurnContext, checkout: Checkout | None, messages: list[str] | None, handle: RequestHandle
+        self, ctx: TurnContext, checkout: Checkout | None, chat: ChatTurn | None, handle: RequestHandle
     ) -> None:
-        self.ctx, self.checkout, self.messages, self.handle = ctx, checkout, messages, handle
+        self.ctx, self.checkout, self.chat, self.handle = ctx, checkout, chat, handle
         self.save_error: APIError | None = None
         self.commit = asyncio.create_task(self._commit())
         ctx.commits.add(self.commit)
@@ -67,20 +68,18 @@ class Turn:
         owner: str | None,
         build_prompt: PromptBuilder,
         params: SamplingParams,
-        close_token: int | None = None,
         arrival: float | None = None,
     ) -> Turn:
         """Check the session out, build the prompt and submit it; `arrival` is when the request came in."""
         checkout = await ctx.sessions.checkout(session_id, owner) if session_id else None
         try:
-            prompt, messages = build_prompt(checkout)
+            prompt, chat = build_prompt(checkout)
             state = checkout.state if checkout else new_state(ctx.model)
             request = EngineRequest(
                 state,
                 prompt,
                 params,
                 stateful=checkout is not None,
-                close_token=close_token,
                 arrival=arrival or time.monotonic(),
                 timeout=ctx.request_timeout,
             )
@@ -100,7 +99,7 @@ class Turn:
         except BaseException:
             await _release(ctx, checkout)
             raise
-        return cls(ctx, checkout, messages, handle)
+        return cls(ctx, checkout, chat, handle)
 
     async def _commit(self) -> None:
         """Wait for the engine's last output and save the session (not after an engine error)."""
@@ -111,12 +110,14 @@ class Turn:
         if final.finish_reason == "error":
             await _release(self.ctx, checkout)
             return
-        if self.messages is not None and final.prompt_complete:
-            hashes, reply = list(self.messages), None
+        if self.chat is not None and final.prompt_complete:
+            hashes, reply = list(self.chat.hashes), None
             if final.stats.completion_tokens:
                 hashes.append(reply_hash(final.reply))
                 reply = final.reply  # a client whose stream dropped has only a prefix of it
-            checkout.history.add(hashes, self.ctx.sessions.history_limit, reply)
+            limit = self.ctx.sessions.history_limit
+            checkout.history.add(hashes, limit, reply)
+            self.chat.record(checkout.history, reply, final.reply_tokens, limit)
         try:
             await self.ctx.sessions.commit(checkout)
             if self.ctx.idle is not None:

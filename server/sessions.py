@@ -3,7 +3,8 @@
 A store record is `MAGIC | u32 length | JSON sidecar | state blob`. The state blob is exactly the model's
 fixed-size `SessionState` safetensors blob (what export returns and import takes); the sidecar lists
 short hashes of the chat messages the session consumed (its own replies included), so that a client
-re-sending the whole history is recognised and only its new messages are fed.
+re-sending the whole history is recognised and only its new messages are fed, and the conversation the
+chat template renders (server/chat.py).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch
 from model.hybrid import HybridLM
 from model.session import consolidate_all, new_state
 from model.state import SessionState, SessionStateError, StateSpec
-from model.tokenizer import ByteTokenizer
 from scheduler.redis_state import RECORD_MAGIC
+from server.chat import EMPTY_DIGEST, Message
 from server.errors import APIError, bad_request, session_damaged, session_not_found, state_refused
 from server.metrics import Metrics
 from server.schemas import SESSION_ID_MESSAGE, ChatMessage, HeadStats, LayerStats, SessionInfo, is_session_id
@@ -58,6 +59,12 @@ class ChatHistory:
     first: str | None = None
     skipped: int = 0
     last_reply: str | None = None
+    # For the chat template (server/chat.py): the conversation as (role, content), None once it has
+    # outgrown the bound (the template then renders the new messages alone), and the count and digest
+    # of the tokens the session consumed as its rendering.
+    conversation: list[Message] | None = field(default_factory=list)
+    tokens: int = 0
+    digest: str = EMPTY_DIGEST
 
     def __len__(self) -> int:
         return self.skipped + len(self.recent)
@@ -77,6 +84,9 @@ class ChatHistory:
             "first": self.first,
             "skipped": self.skipped,
             "reply": self.last_reply,
+            "conversation": self.conversation,
+            "tokens": self.tokens,
+            "digest": self.digest,
         }
 
     @classmethod
@@ -85,7 +95,18 @@ class ChatHistory:
         if not all(isinstance(h, str) for h in recent):
             raise ValueError("message hashes must be strings")
         first = data.get("first", recent[0] if recent else None)
-        return cls(recent, first, int(data.get("skipped", 0)), data.get("reply"))
+        conversation = data.get("conversation")  # absent (an older record): not known
+        if conversation is not None:
+            conversation = [(str(role), str(content)) for role, content in conversation]
+        return cls(
+            recent,
+            first,
+            int(data.get("skipped", 0)),
+            data.get("reply"),
+            conversation,
+            int(data.get("tokens", 0)),
+            str(data.get("digest", EMPTY_DIGEST)),
+        )
 
 
 def pack_record(blob: bytes, history: ChatHistory) -> bytes:
@@ -166,10 +187,10 @@ class Checkout:
     released: bool = False
 
 
-def fast_weight_stats(state: SessionState, top: int = 5) -> list[LayerStats]:
+def fast_weight_stats(fast_weights: list[torch.Tensor], top: int = 5) -> list[LayerStats]:
     """Per gdn layer and head: Frobenius norm, effective rank and the largest singular values."""
     layers = []
-    for index, memory in enumerate(state.memory):
+    for index, memory in enumerate(fast_weights):
         singular = torch.linalg.svdvals(memory.float())  # [H, min(K, V)]
         heads = []
         for s in singular:
@@ -216,7 +237,6 @@ class SessionManager:
         self.lease_ttl, self.lease_wait = lease_ttl, lease_wait
         self.history_limit, self.signing_key = history_limit, signing_key
         self.spec = StateSpec.of(model)
-        self.tokenizer = ByteTokenizer()
         self.replica = secrets.token_hex(4)
 
     # -- records ------------------------------------------------------------------------------------
@@ -409,5 +429,5 @@ class SessionManager:
             window_fill=len(state.tail) / capacity,
             chat_messages=len(history),
             state_bytes=len(state.to_bytes(self.fingerprint, capacity)),
-            fast_weights=fast_weight_stats(state),
+            fast_weights=fast_weight_stats(state.memory[: self.model.config.n_gdn]),  # not the conv state
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,21 +18,35 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    checkpoint: Path = Field(
-        DEFAULT_CHECKPOINT, description="folder holding `model.safetensors` and `config.json`"
-    )
-    model_name: str | None = Field(
+    model: str | None = Field(
         None,
-        description="the model id clients send and `/v1/models` lists; none: the checkpoint folder's name",
+        description="what to serve: a checkpoint folder (a native `sleepy` one, or a Hugging Face one with `config.json`, safetensors and its tokenizer) or a Hugging Face hub id; none: the shipped demo checkpoint",
+    )
+    checkpoint: Path | None = Field(None, description="the older name of `model`: a checkpoint folder")
+    served_model_name: str | None = Field(
+        None,
+        description="the model id clients send and `/v1/models` lists; none: the checkpoint folder's (hub id's) name",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="the weights' dtype; none: float32 on CPU. The GDN state is float32 whatever this is",
     )
     device: str = Field("cpu", description="torch device: `cpu`, `cuda`, `cuda:1`, …")
     store: str = Field(
         "memory",
         description="where sessions live between requests: `memory` (in-process: LRU, idle TTL, byte budget) or `redis://host:port/db` (shared by replicas)",
     )
+    # Sleep for a checkpoint that records none of its own (a sleep-trained one has its own; overriding
+    # them is logged): the window L, the schedule, N (sleep_passes, below) and the blocks that loop.
+    window: int | None = Field(
+        None, ge=1, description="tokens per sleep window L; none: the checkpoint's, or its family's default"
+    )
     schedule: Literal["hard", "lagged"] | None = Field(
         None,
         description="`lagged` (sleep in the background, nobody waits) or `hard` (the paper's: a session waits once a window for its own sleep); none: the checkpoint's",
+    )
+    sleep_blocks: str | None = Field(
+        None, description="`FIRST:LAST`: the blocks [FIRST, LAST) that loop N times in a sleep; none: all"
     )
     # Sleep: "background" runs it on the scheduler's worker thread, off the decode path; "inline" on
     # the decode thread. N: sleep_passes if set (None: the checkpoint's own N, so that temperature 0 is
@@ -170,7 +185,8 @@ class Settings(BaseSettings):
         1024,
         ge=1,
         description="chat message hashes a session record keeps to recognise a re-sent history (the "
-        "first and the latest; those between are counted and trusted)",
+        "first and the latest; those between are counted and trusted); a conversation up to this many "
+        "messages is also kept whole for the chat template (longer: new messages are rendered alone)",
     )
     session_signing_key: SecretStr | None = Field(
         None,
@@ -186,12 +202,27 @@ class Settings(BaseSettings):
             raise ValueError(f"cpu_affinity is auto, none or CPU ids like 0,2; got {value!r}")
         return value
 
+    @field_validator("sleep_blocks")
+    @classmethod
+    def _check_blocks(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+:\d+", value):
+            raise ValueError(f"sleep_blocks is FIRST:LAST (blocks [FIRST, LAST) loop), got {value!r}")
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _check_model(self) -> Settings:
+        if self.model is not None and self.checkpoint is not None and self.model != str(self.checkpoint):
+            raise ValueError(f"model ({self.model}) and checkpoint ({self.checkpoint}) name different models")
+        if self.served_model_name is None:
+            self.served_model_name = Path(self.model_path).name
+        return self
 
     @model_validator(mode="after")
     def _check_passes(self) -> Settings:
@@ -214,5 +245,13 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def served_model_name(self) -> str:
-        return self.model_name or Path(self.checkpoint).name
+    def sleep_block_range(self) -> tuple[int, int] | None:
+        if self.sleep_blocks is None:
+            return None
+        first, last = self.sleep_blocks.split(":")
+        return int(first), int(last)
+
+    @property
+    def model_path(self) -> str:
+        """The folder or hub id to load."""
+        return self.model or str(self.checkpoint or DEFAULT_CHECKPOINT)

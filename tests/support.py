@@ -200,11 +200,11 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        flags = ["--port", str(self.port), "--host", "127.0.0.1", "--checkpoint", str(checkpoint), *args]
+        flags = ["--port", str(self.port), "--host", "127.0.0.1", "--model", str(checkpoint), *args]
         env = {
             **os.environ,
             "SLEEPSERVE_STORE": store,
-            "SLEEPSERVE_MODEL_NAME": model_name,
+            "SLEEPSERVE_SERVED_MODEL_NAME": model_name,
             "SLEEPSERVE_SHUTDOWN_TIMEOUT": "0.5",
             "OMP_NUM_THREADS": "1",
         }

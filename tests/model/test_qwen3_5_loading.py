@@ -151,6 +151,7 @@ def test_session_blob_holds_the_convolution_history_at_a_fixed_size(checkpoint) 
     empty = state.to_bytes("f", model.config.window_capacity)
     state.memory = [torch.randn(shape) for shape in model.config.memory_shapes()]
     state.tail = [5, 6, 7]
+    state.tokens_seen = len(state.tail)  # consistent counters: a blob is validated on the way back
     blob = state.to_bytes("f", model.config.window_capacity)
     assert len(blob) == len(empty)
     back = SessionState.from_bytes(blob, "f")

@@ -19,7 +19,9 @@ PROMPT = "a prompt longer than one window of eight tokens"
 
 
 async def start(stack: AsyncExitStack, checkpoint, **settings) -> httpx.AsyncClient:
-    app = create_app(Settings(checkpoint=checkpoint, model_name="tiny", **{"store": "memory", **settings}))
+    app = create_app(
+        Settings(checkpoint=checkpoint, served_model_name="tiny", **{"store": "memory", **settings})
+    )
     await stack.enter_async_context(app.router.lifespan_context(app))
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
     return await stack.enter_async_context(client)

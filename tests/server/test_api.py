@@ -5,37 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-from contextlib import AsyncExitStack
 
 import httpx
 import pytest
 from support import free_port
 
 from model.tokenizer import ByteTokenizer
-from server.app import create_app
 from server.sessions import unpack_record
-from server.settings import Settings
 
 MODEL = "tiny"
-
-
-@pytest.fixture
-async def serve(tiny_checkpoint, caplog):
-    """`await serve(**settings)` -> an httpx client of a started app (its `.app` attribute is the app)."""
-    caplog.set_level(logging.INFO)
-    async with AsyncExitStack() as stack:
-
-        async def start(checkpoint=None, **settings) -> httpx.AsyncClient:
-            settings = {"store": "memory", "model_name": MODEL, **settings}
-            app = create_app(Settings(checkpoint=checkpoint or tiny_checkpoint(), **settings))
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-            client.app = app
-            return await stack.enter_async_context(client)
-
-        yield start
-    assert "unhandled error" not in caplog.text  # no input reached the catch-all handler
 
 
 def completion(prompt="Hello", **extra) -> dict:
@@ -68,6 +46,7 @@ async def test_operational_routes(serve):
     models = (await client.get("/v1/models")).json()
     assert models["object"] == "list" and models["data"][0]["id"] == MODEL
     assert models["data"][0]["schedule"] == "lagged" and models["data"][0]["window"] == 8
+    assert models["data"][0]["family"] == "sleepy" and models["data"][0]["sleep_passes"] == 2
     await client.post("/v1/completions", json=completion())
     metrics = (await client.get("/metrics")).text
     for name in ("sleepserve_generation_tokens_total", "sleepserve_decode_batch_size_bucket"):
@@ -127,6 +106,7 @@ BAD_INPUTS = [
     ("/v1/completions", completion(stop="\ud800"), 400, "lone surrogates", "stop"),
     ("/v1/completions", completion(prompt=["a", "b"]), 400, "one prompt", "prompt"),
     ("/v1/completions", completion(prompt=[1, 99999]), 400, "token ids", "prompt"),
+    ("/v1/completions", completion(prompt=[[1, 2], [3]]), 400, "one prompt", "prompt"),
     ("/v1/completions", completion(n=2), 400, "less than or equal to 1", "n"),
     ("/v1/completions", completion(temperature=3), 400, "temperature", "temperature"),
     ("/v1/completions", completion(top_p=0), 400, "top_p", "top_p"),

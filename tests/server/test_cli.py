@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from importlib.metadata import version
 
 import pytest
+from support import ROOT
 
 import model.evaluate
 import model.train
@@ -26,6 +29,10 @@ def test_flags_override_the_environment(monkeypatch):
     assert settings.port == 9002 and settings.store == "redis://localhost:6379/0"
     assert settings.sleep_passes == 3 and settings.schedule == "hard" and settings.api_keys == ["a", "b"]
     assert settings_from_args(["--checkpoint", "/x/my-model"]).served_model_name == "my-model"
+    monkeypatch.setenv("SLEEPSERVE_MODEL", "Org/Some-Model")
+    settings = settings_from_args(["--served-model-name", "chat", "--dtype", "bfloat16"])
+    assert settings.model_path == "Org/Some-Model" and settings.served_model_name == "chat"
+    assert settings.dtype == "bfloat16"
 
 
 def test_missing_checkpoint_fails_clearly(monkeypatch, capsys, tmp_path):
@@ -35,7 +42,27 @@ def test_missing_checkpoint_fails_clearly(monkeypatch, capsys, tmp_path):
     assert "cannot load checkpoint" in error and "absent" in error and "Traceback" not in error
 
 
+def test_offline_hub_id_fails_with_one_clear_error(tmp_path):
+    """A hub id with no network: one line that says how to pass a local folder, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "--model", "Qwen/Qwen3.5-0.8B"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "cannot download Qwen/Qwen3.5-0.8B" in done.stderr and "--model DIR" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_invalid_settings_and_commands(capsys):
+    assert main(["serve", "--model", "/x/a", "--checkpoint", "/x/b"]) == 2
+    assert "name different models" in capsys.readouterr().err
+    assert main(["serve", "--dtype", "int3"]) == 2
+    assert "dtype" in capsys.readouterr().err
     assert main(["serve", "--min-passes", "5", "--max-passes", "2"]) == 2
     assert "min_passes" in capsys.readouterr().err
     for worker in ("process", "offload"):
@@ -155,6 +182,27 @@ def test_auto_sleep_offloads_to_the_cpus_the_server_leaves_free(tiny_checkpoint)
         assert helper is not None and helper.cpus == {cpu}
     finally:
         offloaded.shutdown()
+
+
+def test_serve_time_sleep_settings_reach_the_model(tiny_checkpoint, capsys):
+    settings = settings_from_args(
+        [
+            "--model",
+            str(tiny_checkpoint()),
+            "--window",
+            "12",
+            "--sleep-blocks",
+            "0:1",
+            "--sleep-mode",
+            "inline",
+        ]
+    )
+    config = build_server(settings).model.config
+    assert (config.window, config.sleep_blocks) == (12, (0, 1))
+    assert main(["serve", "--sleep-blocks", "3"]) == 2
+    assert "FIRST:LAST" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tiny_checkpoint()), "--sleep-blocks", "0:9"]) == 2
+    assert "sleep_blocks" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

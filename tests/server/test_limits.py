@@ -32,7 +32,7 @@ async def serve(tiny_checkpoint, caplog):
     async with AsyncExitStack() as stack:
 
         async def start(**settings) -> httpx.AsyncClient:
-            settings = {"store": "memory", "model_name": MODEL, **settings}
+            settings = {"store": "memory", "served_model_name": MODEL, **settings}
             app = create_app(Settings(checkpoint=tiny_checkpoint(), **settings))
             await stack.enter_async_context(app.router.lifespan_context(app))
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)

@@ -80,8 +80,24 @@ def test_openai_client(launch, tiny_checkpoint, redis_server, store):
     ]
     assert sampled[0] == sampled[1]
 
+    # lm-evaluation-harness's loglikelihood request: the prompt scored, the first token without context
+    scored = client.completions.create(
+        model=MODEL, prompt="Once upon", max_tokens=0, temperature=0, echo=True, logprobs=1
+    ).choices[0]
+    assert scored.text == "Once upon" and scored.logprobs.tokens == list("Once upon")
+    assert scored.logprobs.token_logprobs[0] is None and scored.logprobs.top_logprobs[0] is None
+    assert all(lp <= 0 for lp in scored.logprobs.token_logprobs[1:])
+    assert scored.logprobs.text_offset == list(range(len("Once upon")))
+
     messages = [{"role": "user", "content": "hello there"}]
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    scored_chat = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=16, temperature=0, logprobs=True, top_logprobs=2
+    )
+    assert scored_chat.choices[0].message.content == reply.choices[0].message.content
+    entries = scored_chat.choices[0].logprobs.content
+    assert len(entries) == scored_chat.usage.completion_tokens
+    assert all(e.top_logprobs[0].token == e.token and len(e.top_logprobs) == 2 for e in entries)
     chat_stream = client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True
     )
