@@ -18,8 +18,8 @@ the sleeps (`sleepserve_sleep_passes_count`) and deadline misses counted in it (
 processes), and the server's RSS at its end. At the end every session is read back: its stored turns
 (its version − 1) must equal the turns answered 200, and its tokens the `session_tokens_total` of its
 last one. (A turn cut by a restart may have been saved before its answer was lost: such turns are
-counted and printed, and `turns_stored` then exceeds `turns_ok`.) Writes bench/results/soak.json and
-soak.png and prints the floors:
+counted and printed, and `turns_stored` then exceeds `turns_ok`.) Writes bench/results/soak.json (with
+each floor's value and whether it holds) and soak.png and prints the floors:
 - 0 requests failed outside the restart windows;
 - 0 sessions lost or inconsistent (turns stored = turns answered 200, tokens as the last answer said);
 - RSS at the end of the last minute < 1.05x that at the end of the first;
@@ -51,11 +51,11 @@ import httpx
 
 from bench.decode_scaling import machine
 from bench.procs import RedisProcess, ServerProcess
+from bench.record import RESULTS, checkpoint_record, write_result
 from bench.serve import random_text, stream_request
 from bench.sleep_overlap import scrape
 from bench.soak_report import floors, minutes, plot
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SERVER_KILL_AT, REDIS_RESTART_AT = 0.4, 0.65  # of the run
 KINDS = [(endpoint, stream) for endpoint in ("completion", "chat") for stream in (True, False)]
 
@@ -342,13 +342,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "turns_ok": sum(t.ok for t in soak.turns),
         "turns_stored": checked["turns_stored"],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    report["floors"] = floors(report, len(checked["inconsistent"]), checked["unanswered"])
+    report = write_result(args.out, report, checkpoint_record())
     restarts = {"server": SERVER_KILL_AT * work.minutes, "redis": REDIS_RESTART_AT * work.minutes}
     plot(report, args.out.with_suffix(".png"), restarts)
     for row in report["minutes"]:
         print(json.dumps(row))
-    for name, floor in floors(report, len(checked["inconsistent"]), checked["unanswered"]).items():
+    for name, floor in report["floors"].items():
         print(f"{'HOLDS' if floor['holds'] else 'FAILS'}  {name}: {floor['value']}")
     return report
 

@@ -71,7 +71,8 @@ def test_the_smoke_run_writes_soak_json_and_keeps_every_session(tmp_path) -> Non
     out = tmp_path / "soak.json"
     main(["--smoke", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert set(report) == {"machine", "minutes", "sessions", "sessions_lost", "turns_ok", "turns_stored"}
+    shape = {"machine", "minutes", "sessions", "sessions_lost", "turns_ok", "turns_stored"}
+    assert set(report) == shape | {"floors", "provenance"}
     assert isinstance(report["machine"], str) and report["sessions"] == 4
     rows = report["minutes"]
     assert [row["minute"] for row in rows] == [0, 1, 2]
