@@ -20,7 +20,6 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from server.chat import ChatTurn, chat_turn, render
 from server.context import Server
-from server.engine import SamplingParams
 from server.errors import APIError, bad_request
 from server.logprobs import LogprobFormatter
 from server.schemas import (
@@ -46,12 +45,13 @@ from server.schemas import (
     SessionInfo,
     Usage,
 )
+from server.sequence import SamplingParams
 from server.serving import Turn
 from server.sessions import Checkout, message_hash, new_chat_messages
 from server.stores import StoreError
 
 if TYPE_CHECKING:
-    from server.engine import Output, TurnStats
+    from server.sequence import Output, TurnStats
 
 IMPORT_PATH = "/v1/sessions/import"
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 422, 429, 500, 503)}
