@@ -1,9 +1,9 @@
 """Window boundaries: the engine's step loop calls `_consolidate` when a sequence's chunk is full.
 
-With no executor the sequence sleeps right there, on the decode thread (`model.session.cross_boundary`). With a `SleepExecutor` the sleep runs on its worker
-(a thread, or a child process on CPU), or interleaved: on the decode thread, a few slices after each
-step, paced to the sleeps' deadlines (`SleepExecutor.run_interleaved`). Either way the decode loop
-never waits for another session's sleep:
+With no executor the sequence sleeps right there, on the decode thread (`model.session.cross_boundary`).
+With a `SleepExecutor` the sleep runs on its worker (a thread, or a child process on CPU), or
+interleaved: on the decode thread, a few slices after each step, paced to the sleeps' deadlines
+(`SleepExecutor.run_interleaved`). Either way the decode loop never waits for another session's sleep:
 - `hard`: the sequence leaves the batch until its own sleep is done (a decode stall for it alone).
 - `lagged`: the sleep on chunk j−1 starts when chunk j−1 completes and is due when chunk j completes,
   so it runs while chunk j is decoded. At that boundary the new memory is swapped in and the window is
