@@ -1,3 +1,4 @@
+# Over 400 lines: the step loop (admit, prefill, decode, sample, finish) shares one batch's state; read as one.
 """The engine: one thread that runs every admitted sequence, decoding them together as one batch.
 
 Each iteration (`Engine.step`) does, in order:
