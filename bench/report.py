@@ -225,6 +225,38 @@ def reproduction(results: Path) -> str:
 # -- the README's one short table -------------------------------------------------------------------
 
 
+def real_decode(results: Path) -> str:
+    report = _load(results, "real_decode.json")
+    systems = {s["name"]: s for s in report["systems"]}
+    ours, theirs = systems["sleepserve"], systems["transformers"]
+    rows = [
+        [
+            f"{a['context_tokens']:,}",
+            f"{a['itl_ms']:.2f}",
+            f"{b['itl_ms']:.2f}",
+            _mib(a["state_bytes"]),
+            _mib(b["state_bytes"]),
+        ]
+        for a, b in zip(ours["by_context"], theirs["by_context"], strict=True)
+    ]
+    header = ["context tokens", "sleepserve ms/token", "transformers ms/token", "sleepserve state"]
+    table = _table([*header, "transformers cache"], rows)
+    first, last = ours["by_context"][0], ours["by_context"][-1]
+    throughput = (
+        f"Output tokens/s at {report['workload']['concurrent']} concurrent requests: sleepserve "
+        f"{ours['output_tokens_per_s']:,.0f}, transformers {theirs['output_tokens_per_s']:,.0f} "
+        f"(×{ours['output_tokens_per_s'] / theirs['output_tokens_per_s']:.1f}; {theirs['method']}). "
+        f"sleepserve's ITL at {last['context_tokens']:,} tokens is ×{last['itl_ms'] / first['itl_ms']:.2f} "
+        f"its ITL at {first['context_tokens']:,}."
+    )
+    model = report["model"]
+    shape = (
+        f"Model: a Qwen3.5-shaped config with random weights, {model['parameters']:,} parameters, layers "
+        f"{model['layers']}, window {model['window']} (`{model['schedule']}`, N = {model['sleep_passes']})."
+    )
+    return "\n\n".join([table, throughput, shape, _machine(report)])
+
+
 def readme_results(results: Path) -> str:
     scaling = {(r["system"], r["position"]): r for r in _load(results, "decode_scaling.json")["results"]}
     far = max(p for _, p in scaling)
@@ -242,6 +274,10 @@ def readme_results(results: Path) -> str:
         for task, table in trained.items()
     )
     deeper = _load(results, "reproduction.json")["summary"]["hard_n4_minus_n1"]
+    real = _load(results, "real_decode.json")
+    real_ours, real_theirs = (
+        {s["name"]: s for s in real["systems"]}[n] for n in ("sleepserve", "transformers")
+    )
     link = "docs/benchmarks.md#"
     rows = [
         [
@@ -272,6 +308,13 @@ def readme_results(results: Path) -> str:
             f"[sleep overlap]({link}sleep-overlap)",
         ],
         [
+            f"Qwen3.5-shaped model ({real['model']['parameters'] / 1e6:.0f}M, random weights): "
+            f"{real_ours['by_context'][-1]['itl_ms']:.1f} ms/token at {real_ours['by_context'][-1]['context_tokens']:,} "
+            f"tokens (transformers {real_theirs['by_context'][-1]['itl_ms']:.1f}); "
+            f"{real_ours['output_tokens_per_s'] / real_theirs['output_tokens_per_s']:.1f}× its throughput",
+            f"[real decode]({link}real-decode)",
+        ],
+        [
             f"shipped model, exact answers by difficulty: {accuracy}",
             f"[evaluation]({link}evaluation)",
         ],
@@ -293,6 +336,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "results-multiturn": multiturn,
     "results-evaluation": evaluation,
     "results-reproduction": reproduction,
+    "results-real-decode": real_decode,
     "settings": lambda _: settings_table(),
 }
 
