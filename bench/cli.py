@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "engine-itl": ("bench.engine_itl", "sleep-overlap's streams at the engine, without HTTP or a client"),
     "sleep-pass": ("bench.sleep_pass", "what one sleep of N passes costs the decode thread"),
     "evaluation": ("bench.evaluation", "the shipped model's accuracy by task, difficulty and N"),
+    "soak": ("bench.soak", "sustained load on Redis, through a kill -9 of the server and a Redis restart"),
     "reproduce": ("bench.reproduce", "the paper's experiments at small scale"),
     "training-curves": ("bench.training_curves", "training loss curves from the runs' logs"),
     "report": ("bench.report", "render the docs' results and settings tables from their sources"),

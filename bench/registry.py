@@ -63,6 +63,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "real-decode", "bench.real_decode", "real_decode.json", "--smoke", in_suite=True, takes_threads=True
     ),
+    Benchmark("soak", "bench.soak", "soak.json", "--smoke"),  # 8 minutes: run on its own, not in the suite
     Benchmark(
         "reproduce",
         "bench.reproduce",

@@ -257,6 +257,39 @@ def real_decode(results: Path) -> str:
     return "\n\n".join([table, throughput, shape, _machine(report)])
 
 
+def soak(results: Path) -> str:
+    report = _load(results, "soak.json")
+    rows = [
+        [
+            str(m["minute"]),
+            f"{m['itl_p50_ms']:.2f}",
+            f"{m['itl_p99_ms']:.2f}",
+            f"{m['ttft_p50_ms']:.0f}",
+            f"{m['ttft_p99_ms']:.0f}",
+            f"{m['requests']:,}",
+            ", ".join(f"{kind} {n}" for kind, n in m["errors"].items()) or "–",
+            f"{m['deadline_misses']} / {m['sleeps']:,}",
+            _mib(m["rss_bytes"]),
+        ]
+        for m in report["minutes"]
+    ]
+    header = ["minute", "ITL p50 (ms)", "ITL p99 (ms)", "TTFT p50 (ms)", "TTFT p99 (ms)", "requests"]
+    table = _table([*header, "errors", "deadline misses / sleeps", "server RSS"], rows)
+    floors = "; ".join(
+        f"`{name}` {'holds' if floor['holds'] else 'FAILS'} ({_floor_value(floor['value'])})"
+        for name, floor in report["floors"].items()
+    )
+    sessions = (
+        f"{report['sessions']} sessions, {report['sessions_lost']} lost; {report['turns_ok']:,} turns "
+        f"answered 200, {report['turns_stored']:,} stored."
+    )
+    return "\n\n".join([table, sessions, f"Floors: {floors}.", _machine(report)])
+
+
+def _floor_value(value: float | int | str) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def readme_results(results: Path) -> str:
     scaling = {(r["system"], r["position"]): r for r in _load(results, "decode_scaling.json")["results"]}
     far = max(p for _, p in scaling)
@@ -274,6 +307,8 @@ def readme_results(results: Path) -> str:
         for task, table in trained.items()
     )
     deeper = _load(results, "reproduction.json")["summary"]["hard_n4_minus_n1"]
+    soaked = _load(results, "soak.json")
+    sleeps, misses = (sum(m[key] for m in soaked["minutes"]) for key in ("sleeps", "deadline_misses"))
     real = _load(results, "real_decode.json")
     real_ours, real_theirs = (
         {s["name"]: s for s in real["systems"]}[n] for n in ("sleepserve", "transformers")
@@ -315,6 +350,13 @@ def readme_results(results: Path) -> str:
             f"[real decode]({link}real-decode)",
         ],
         [
+            f"{soaked['sessions']} sessions on Redis for {len(soaked['minutes'])} min through a kill -9 and a Redis "
+            f"restart: {soaked['sessions_lost']} lost, {misses:,} deadline misses in {sleeps:,} sleeps, last "
+            f"minute's p99 ITL ×{soaked['minutes'][-1]['itl_p99_ms'] / soaked['minutes'][0]['itl_p99_ms']:.2f} "
+            f"the first's",
+            f"[soak]({link}soak)",
+        ],
+        [
             f"shipped model, exact answers by difficulty: {accuracy}",
             f"[evaluation]({link}evaluation)",
         ],
@@ -337,6 +379,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "results-evaluation": evaluation,
     "results-reproduction": reproduction,
     "results-real-decode": real_decode,
+    "results-soak": soak,
     "settings": lambda _: settings_table(),
 }
 

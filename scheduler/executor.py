@@ -171,6 +171,7 @@ class SleepExecutor:
                 raise RuntimeError("the sleep executor is shut down")
             for job in jobs:
                 if job.passes is None:
+                    job.adaptive = True
                     self._plan(job, min(together[job.tokens], self.max_batch))
                 futures.append(Future())
                 self._futures[job.id] = futures[-1]

@@ -143,8 +143,11 @@ class InterleavedExecutor(SleepExecutor):
     def _hold_until(self, job: ConsolidationJob) -> float:
         # At the most a pace may take (halfway from `share` to all): a job whose N is more than `share`
         # allows, such as one held at `min_passes`, may wait too, and the few steps it waits cost less
-        # than the pass a late row adds.
-        return self._share_deadline(job.deadline, self._most)
+        # than the pass a late row adds. Of the decode time a pace would finish it in (`PACE_TARGET` of
+        # that to the deadline), as the pace keeps the rest for the estimate's errors: a hold to the
+        # very end of the deadline made 0.5% of the soak's sleeps miss it.
+        now = self.now()
+        return self._share_deadline(now + PACE_TARGET * (job.deadline - now), self._most)
 
     # -- offload's hooks (`scheduler.offload`): here every pass runs on the decode thread ------------
 
@@ -249,6 +252,7 @@ class InterleavedExecutor(SleepExecutor):
         for row in rolling.rows:
             row.passes_left -= 1
             row.seconds += spent
+        self._shed(rolling)
         finished = [  # and cancelled: _publish drops them
             b for b, row in enumerate(rolling.rows) if row.passes_left == 0 or row.job.id in self._cancelled
         ]
@@ -267,6 +271,27 @@ class InterleavedExecutor(SleepExecutor):
             self._credit = max(self._credit, 0.0)  # no debt: the next sleep starts on its own pace
             return
         self._roll()
+
+    def _shed(self, rolling: RollingBatch) -> None:
+        """Between passes, cut an adaptive row's passes left to those that still fit before its deadline
+        at the most a pace may take (`_pace`'s cap), never below `min_passes` in all: a shallower sleep
+        on time rather than a deep one late (its session would wait at its boundary). A row cut to none
+        left ends with this pass: the fast weights after k passes are sleep(N = k)'s. Its job's N
+        becomes the passes it runs. (Fixed depths are the operator's: never cut.)"""
+        assert self.policy is not None
+        most, now = self._most / (1 - self._most), self.now()
+        for row in rolling.rows:
+            if not row.job.adaptive or not row.passes_left:
+                continue
+            assert row.job.passes is not None
+            done = row.job.passes - row.passes_left
+            fit = (
+                math.floor(most * (row.job.deadline - now) / rolling.per_pass) if rolling.per_pass > 0 else 0
+            )
+            keep = max(self.policy.min_passes - done, min(row.passes_left, fit), 0)
+            if keep < row.passes_left:
+                row.job.passes -= row.passes_left - keep
+                row.passes_left = keep
 
     def _drop_cancelled(self) -> None:
         """Drop the rolling batch if every session of it ended (a partly cancelled one goes on: its

@@ -21,7 +21,8 @@ _ids = itertools.count(1)
 class ConsolidationJob:
     """Sleep on `chunk` starting from `memory` (one [H, K, V] tensor per gdn layer, not modified).
 
-    `passes` is N; None lets the executor's depth policy choose it at submission. `deadline` is a
+    `passes` is N; None lets the executor's depth policy choose it (`adaptive`: it did, and may shed
+    passes that would miss the deadline, down to `min_passes`). `deadline` is a
     `time.monotonic()` instant: when the session needs the result. `deadline_estimated`: only an
     estimate of it (a lagged session's next boundary, tokens away at the decode rate): the job is then
     late only if its session comes to wait for it (`SleepExecutor.due_now`), not if it ends after the
@@ -35,6 +36,7 @@ class ConsolidationJob:
     deadline: float
     trigger: Trigger = "window_full"
     deadline_estimated: bool = False
+    adaptive: bool = False
     id: int = field(default_factory=lambda: next(_ids))
     enqueued: float = field(default_factory=time.monotonic)
 

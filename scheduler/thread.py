@@ -7,6 +7,7 @@ or a child process's (`scheduler.process.ProcessSleeper`)."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -149,6 +150,20 @@ class WorkerExecutor(SleepExecutor):
             finally:
                 self._release([job for job, _ in items])
 
+    def _shed(self, jobs: list[ConsolidationJob]) -> None:
+        """As a batch of adaptive jobs (their N the policy's) starts, cut its N to the passes that still
+        fit before its earliest deadline (planned costs), never below `min_passes`: a shallower sleep on
+        time rather than a deep one late, where the queue ahead of it took longer than planned. (Fixed
+        depths are the operator's: never cut.)"""
+        if self.policy is None or not all(job.adaptive for job in jobs):
+            return
+        per_pass = self.policy.pass_seconds(jobs[0].tokens, len(jobs))
+        slack = min(job.deadline for job in jobs) - self.clock()
+        fit = math.floor(slack / per_pass + 1e-9) if per_pass > 0 else self.policy.max_passes
+        passes = max(self.policy.min_passes, min(jobs[0].passes or 1, fit))
+        for job in jobs:
+            job.passes = passes
+
     def _next_batch(self) -> list[ConsolidationJob]:
         """The next batch to run, held back up to `batch_wait`; empty once closed and drained. Called
         with `_cond` held."""
@@ -175,6 +190,7 @@ class WorkerExecutor(SleepExecutor):
     def _run(self, items: list[tuple[ConsolidationJob, Future[SleepResult]]], sleeper: Sleeper) -> None:
         jobs = [job for job, _ in items]
         assert jobs[0].passes is not None
+        self._shed(jobs)
         start = self.clock()
         try:
             out = sleeper(*self._inputs(jobs), jobs[0].passes)

@@ -84,9 +84,11 @@ class WindowBoundaries:
             else:  # the sleep is not done: this sequence (alone) waits for it, from now on
                 seq.blocked_since = time.monotonic()
                 # A decode stall: the sleep was due now, a missed deadline. (A prompt's boundaries
-                # come a piece per step, faster than a deadline at the decode rate: not counted.)
+                # come a piece per step, faster than any deadline: due now too, not counted.)
                 if seq.generated:
                     self.executor.due_now(seq.sleep.job)
+                else:
+                    self.executor.reschedule(seq.sleep.job, self._decode_clock())
         self._cross(ready)
 
     def _consolidate_inline(self, seq: Sequence) -> None:
@@ -115,9 +117,11 @@ class WindowBoundaries:
         for seq in seqs:
             state = seq.state
             n_tokens = state.prev_len if lagged else len(state.tail)
-            deadline = sleep_deadline(
-                model.config.schedule, now, room_in_chunk(model, state), self._rate.rate
-            )
+            # Prompt tokens still to feed fill the room a piece per step, far faster than decoding:
+            # only the rest of it is decoded (a deadline at the decode rate for all of it came long
+            # after the session got there, and its sleep was paced too slowly).
+            decoded = max(0, room_in_chunk(model, state) - seq.to_feed)
+            deadline = sleep_deadline(model.config.schedule, now, decoded, self._rate.rate)
             tail, memory = state.tail[:n_tokens], list(state.memory)
             # lagged: due at the next boundary, tokens away (_consolidate knows when it comes)
             jobs.append(

@@ -325,13 +325,18 @@ class SessionManager:
                 log.warning("renewing the lease of session %s failed: %s", checkout.id, exc)
 
     async def commit(self, checkout: Checkout) -> None:
-        """Save the checked-out state (compare-and-set on its version) and release the lease."""
+        """Save the checked-out state (compare-and-set on its version) and release the lease. A lease
+        that cannot be released expires by itself: the save stands (a commit reported failed after it
+        told the client its turn was lost when it was stored)."""
         try:
             checkout.version = await self.store.put(
                 checkout.id, self.encode(checkout.state, checkout.history), checkout.version
             )
         finally:
-            await self.release(checkout)
+            try:
+                await self.release(checkout)
+            except StoreError as exc:
+                log.warning("releasing the lease of session %s failed: %s", checkout.id, exc)
 
     async def release(self, checkout: Checkout) -> None:
         if not checkout.released:

@@ -363,6 +363,7 @@ def test_alerts_cover_the_failure_modes() -> None:
     exprs = " ".join(r["expr"] for g in load_yaml(RULES)[0]["groups"] for r in g["rules"])
     for needle in (
         "rate(sleepserve_sleep_deadline_misses_total",
+        "/ sum by (job, instance) (rate(sleepserve_sleep_passes_count",  # a miss rate, not any miss
         "histogram_quantile(0.99, sum by (job, le) (rate(sleepserve_decode_stall_seconds_bucket",
         "histogram_quantile(0.99, sum by (job, le) (rate(sleepserve_inter_token_latency_seconds_bucket",
         "histogram_quantile(0.99, sum by (job, le) (rate(sleepserve_output_handoff_seconds_bucket",

@@ -750,8 +750,9 @@ def test_interleaved_holds_a_job_deeper_than_its_share_while_the_most_pace_fits(
     model: HybridLM, clock
 ) -> None:
     """A job whose N costs more than `share` of its slack (one held at `min_passes`, say) still waits
-    for equal jobs while its work fits in the most a pace may take (halfway from `share` to all): a row
-    that joined late would take a pass more. One whose work does not fit even so starts at once."""
+    for equal jobs while its work fits in the most a pace may take (halfway from `share` to all) of the
+    time a pace plans to finish in: a row that joined late would take a pass more. One whose work does
+    not fit even so starts at once."""
     executor = interleaved(model, clock, share=0.05, max_batch=2, batch_wait=30.0)
     try:
         # 2 passes of 1 ms: over `share` of 20 ms (1 ms), within the most (0.525: 22 ms).
@@ -764,9 +765,71 @@ def test_interleaved_holds_a_job_deeper_than_its_share_while_the_most_pace_fits(
         executor.wait([held, joined], timeout=30)
         assert [f.result(timeout=30).batch_size for f in (held, joined)] == [2, 2]
 
-        tight = executor.submit(random_job(model, 99, deadline=executor.now() + 0.0015))  # 2 ms in 1.65
+        # 2 ms in the most of 2.5 ms (2.76 ms) would fit, but not in the share of it a pace plans to take
+        # (`PACE_TARGET`, 60%: 1.66 ms), whose rest is the margin for the deadline's estimate
+        tight = executor.submit(random_job(model, 99, deadline=executor.now() + 0.0025))
         executor.run_interleaved(busy=0.01)
         assert tight.running() or tight.done()
         executor.wait([tight], timeout=30)
     finally:
         executor.shutdown()
+
+
+@pytest.mark.parametrize(("min_passes", "due_in", "shed_to"), [(1, 0.03, 2), (1, 0.0, 1), (3, 0.0, 3)])
+def test_interleaved_sheds_passes_that_would_miss_the_deadline(
+    model: HybridLM, clock, min_passes: int, due_in: float, shed_to: int
+) -> None:
+    """An adaptive sleep (its N the policy's) whose passes left no longer fit before its deadline, even
+    at the most a pace may take, ends shallower and on time, after the passes that fit (never fewer than
+    `min_passes`): its result is `model.sleep`'s at that N. A fixed N in the same batch runs every pass
+    and misses its deadline."""
+    metrics = Metrics()
+    policy = DepthPolicy(min_passes, 4, deviations=0.0, clock=clock)
+    for rows in (1, 8):
+        policy.seed(8, 0.05, rows)  # planned at 50 ms a pass: far more than the tiny model's passes take
+    executor = create_executor(model, policy=policy, isolation="interleaved", clock=clock, metrics=metrics)
+    try:
+        adaptive = random_job(model, 111, passes=None, deadline=executor.now() + 10.0)
+        fixed = random_job(model, 112, passes=4, deadline=executor.now() + 10.0)
+        futures = executor.submit_all([adaptive, fixed])
+        executor.run_interleaved(busy=1e-9)  # the batch starts: one slice of its first pass
+        assert adaptive.passes == 4  # ten seconds of slack: the deepest
+        for job in (adaptive, fixed):  # then their sessions come close: `due_in` of decoding left
+            executor.reschedule(job, executor.now() + due_in)
+        executor.wait(futures[:1], timeout=30)
+        clock.advance(1.0)  # the decode time runs out before the fixed one is done
+        executor.wait(futures[1:], timeout=30)
+    finally:
+        executor.shutdown()
+    shallow, deep = (f.result(timeout=0) for f in futures)
+    # After pass 1, 3 passes of 50 ms are left, and 30 ms of decoding at a pace of at most 2.08x (share
+    # 0.35) fit one of them; due now, none.
+    assert (shallow.passes, shallow.deadline_missed) == (shed_to, False)
+    assert (deep.passes, deep.deadline_missed) == (4, True)
+    for got, want in zip(shallow.memory, direct(model, adaptive, shed_to), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert sample(metrics, "sleepserve_sleep_deadline_misses_total") == 1
+    assert sample(metrics, "sleepserve_sleep_passes_sum") == shed_to + 4
+
+
+def test_a_worker_sheds_the_passes_a_late_batch_has_no_time_left_for(model: HybridLM) -> None:
+    """A batch of adaptive jobs whose N, planned at submission, no longer fits before its deadline when
+    a worker gets to it (the work ahead of it ran late) starts with the passes that fit (never fewer
+    than `min_passes`), and its result is `model.sleep`'s at that N; a fixed N runs whole."""
+    with busy_executor(model, max_batch=4) as (executor, gated, now):
+        adaptive = random_job(model, 131, passes=None, deadline=now + 1.0)
+        fixed = random_job(model, 132, tokens=5, passes=6, deadline=now + 0.025)
+        futures = executor.submit_all([adaptive, fixed])
+        assert adaptive.passes == 8  # planned with a second of slack: the deepest
+        # 15 ms left: 2 passes fit, as the policy plans them by then (7 ms: it learnt the first job's
+        # pass, 0 s on the clock that stands still, into the 10 ms it was seeded with)
+        executor.reschedule(adaptive, now + 0.015)
+        late = random_job(model, 133, tokens=6, passes=None, deadline=now + 1.0)  # a batch of its own
+        futures.append(executor.submit(late))
+        executor.reschedule(late, now - 1.0)  # past due: none fit, `min_passes` run
+        gated.release.set()
+        results = [f.result(timeout=30) for f in futures]
+    assert [r.passes for r in results] == [2, 6, 1]
+    for job, result in zip([adaptive, fixed, late], results, strict=True):
+        for got, want in zip(result.memory, direct(model, job, result.passes), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -103,9 +103,10 @@ def test_sleep_deadlines() -> None:
         sleep_deadline("soft", 5.0, 8, 100.0)
 
 
-def test_decode_rate_is_the_median_step_once_a_window_is_observed_the_fastest_before() -> None:
+def test_decode_rate_is_the_first_quartile_step_once_a_window_is_observed_the_fastest_before() -> None:
     """A lagged deadline must not come late: a young estimate takes the shortest interval seen, a full
-    window its median, which a few slow steps (boundaries) do not move, as they would a mean."""
+    window its first quartile, which a few slow steps (boundaries) do not move, as they would a mean,
+    and which half the steps do not beat, as they do a median."""
     rate = DecodeRate(initial=50.0, window=5)
     assert rate.rate == 50.0
     rate.observe(0.004)
@@ -114,9 +115,16 @@ def test_decode_rate_is_the_median_step_once_a_window_is_observed_the_fastest_be
     assert rate.rate == pytest.approx(500.0)  # young: the fastest step
     for seconds in (0.010, 0.002, 0.003):
         rate.observe(seconds)
-    assert rate.rate == pytest.approx(1 / 0.003)  # median of 4, 2, 10, 2, 3 ms (the mean, 4.2 ms, is late)
+    assert rate.rate == pytest.approx(1 / 0.002)  # the quartile of 4, 2, 10, 2, 3 ms (the median is 3)
+    assert DecodeRate(50.0, window=5, quantile=0.5).rate == 50.0
+    median = DecodeRate(50.0, window=5, quantile=0.5)
+    for seconds in (0.004, 0.002, 0.010, 0.002, 0.003):
+        median.observe(seconds)
+    assert median.rate == pytest.approx(1 / 0.003)  # (the mean, 4.2 ms, is late)
     for _ in range(5):
         rate.observe(0.008)  # the window moves on
     assert rate.rate == pytest.approx(125.0)
+    with pytest.raises(ValueError):
+        DecodeRate(initial=50.0, window=5, quantile=1.5)
     with pytest.raises(ValueError):
         DecodeRate(initial=50.0, window=0)

@@ -316,6 +316,33 @@ async def test_a_pending_sleep_is_planned_anew_as_its_session_nears_the_boundary
     assert [tokens for job, tokens in planned if job == first] == [4, 2, 1, 0]
 
 
+async def test_a_sleep_started_mid_prompt_is_due_after_the_tokens_left_to_decode(monkeypatch):
+    """Lagged (window 8), a sleep that starts while the prompt is still being fed is due once the rest of
+    the prompt (fed a piece per step, far faster than decoding) and the tokens decoded after it fill the
+    chunk: 13 prompt tokens leave 5 of the second chunk to feed, so its sleep is due 3 decoded tokens
+    away, not 8; the next one, started while decoding, 8."""
+    monkeypatch.setattr(DecodeRate, "rate", property(lambda self: 100.0))  # 10 ms a token
+    model = tiny_model("lagged")
+    executor = create_executor(model, isolation="thread")
+    planned: list[int] = []  # tokens ahead at the rate, to within 5 ms
+    submit_all = executor.submit_all
+
+    def recording(jobs):
+        planned.extend(round((job.deadline - executor.now()) * 100.0) for job in jobs)
+        return submit_all(jobs)
+
+    monkeypatch.setattr(executor, "submit_all", recording)
+    engine = Engine(model, passes=model.config.sleep_passes, metrics=Metrics(), executor=executor)
+    engine.start()
+    try:
+        prompt = TOKENIZER.encode("thirteen byte")
+        request = EngineRequest(new_state(model), prompt, greedy(10, stop_tokens=frozenset()))
+        await asyncio.wait_for(collect(engine.submit(request)), timeout=30)
+    finally:
+        await engine.shutdown(grace=0)
+    assert len(prompt) == 13 and planned == [3, 8]
+
+
 @pytest.mark.parametrize("prompt, counted", [("wait:", True), ("a prompt across windows", False)])
 async def test_a_session_that_waits_for_its_sleep_counts_a_missed_deadline(monkeypatch, prompt, counted):
     """Lagged, a sleep still running when its session reaches the next boundary while decoding was due
