@@ -48,7 +48,8 @@ from model.session import new_state
 from model.tokenizer import ByteTokenizer
 from server.cli import server_cpus, settings_from_args, sleeper_cpus
 from server.context import Server, build_server
-from server.engine import Engine, EngineRequest, SamplingParams
+from server.engine import Engine
+from server.sequence import EngineRequest, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKENIZER = ByteTokenizer()

@@ -36,7 +36,7 @@ from model.checkpoint import fingerprint
 from model.loading import load_model
 from model.session import feed, new_state, open_window
 from server.context import build_server
-from server.engine import EngineRequest, SamplingParams
+from server.sequence import EngineRequest, SamplingParams
 from server.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -1,3 +1,4 @@
+# Over 400 lines: the step loop (admit, prefill, decode, sample, finish) shares one batch's state; read as one.
 """The engine: one thread that runs every admitted sequence, decoding them together as one batch.
 
 Each iteration (`Engine.step`) does, in order:
@@ -15,17 +16,8 @@ so an aborted request leaves its session as of its last fully processed token. O
 request's asyncio queue through `loop.call_soon_threadsafe`, a step's worth in one call (`_flush`):
 each call wakes the event loop, which then takes the GIL from the decode loop.
 
-Window boundaries (`Engine._consolidate`). With no executor the sequence sleeps right there, on the
-decode thread (`model.session.cross_boundary`). With a `SleepExecutor` the sleep runs on its worker
-(a thread, or a child process on CPU), or interleaved: on the decode thread, a few slices after each
-step, paced to the sleeps' deadlines (`SleepExecutor.run_interleaved`). Either way the decode loop
-never waits for another session's sleep:
-- `hard`: the sequence leaves the batch until its own sleep is done (a decode stall for it alone).
-- `lagged`: the sleep on chunk j−1 starts when chunk j−1 completes and is due when chunk j completes,
-  so it runs while chunk j is decoded. At that boundary the new memory is swapped in and the window is
-  rebuilt from it: chunk j run once from M_{j−1} (the re-prefill, one pass over L known tokens, batched
-  over every sequence crossing in the same step), the same window the synchronous path builds. A late
-  sleep blocks the sequence (a counted deadline miss and a decode stall), never the others.
+Window boundaries (a sequence's chunk is full: its sleep, and the window rebuilt after it) are in
+`server/boundaries.py`, whose methods the engine inherits.
 
 Finish reasons: `stop` (EOS, a stop token or a stop string), `length` (max_tokens), `abort` (client
 gone or server shutdown), `timeout` (request_timeout passed), `error` (the model failed on this
@@ -34,14 +26,13 @@ sequence; the session must not be saved).
 Containment: a failure tied to one sequence (its window does not open, its logits are not finite, its
 sampling or its sleep raises) finishes that sequence alone with `error`. A batched model call that
 raises is run again row by row, so that only the rows that fail again end (`_decode_apart`,
-`_prefill_group`, `_reopen_windows`); the others go on as if nothing happened. A background sleep batch
+`_prefill_group`, `WindowBoundaries._reopen_windows`); the others go on as if nothing happened. A background sleep batch
 that raises is retried job by job the same way (`scheduler/thread.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -49,257 +40,26 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from model.hybrid import HybridLM, WindowCache
-from model.session import (
-    apply_sleep,
-    batch_memory,
-    cross_boundary,
-    open_window,
-    open_windows,
-    room_in_chunk,
-)
-from model.state import SessionState
-from model.tokenizer import EOS, ByteTokenizer, StreamDecoder, TextStream, Tokenizer
-from scheduler.executor import SleepExecutor, SleepResult
-from scheduler.jobs import ConsolidationJob
-from scheduler.policy import DecodeRate, sleep_deadline
+from model.session import open_window, room_in_chunk
+from model.tokenizer import ByteTokenizer, Tokenizer
+from scheduler.executor import SleepExecutor
+from scheduler.policy import DecodeRate
+from server.boundaries import WindowBoundaries
+from server.logprobs import TokenLogprob, token_logprobs
 from server.metrics import Metrics
+from server.sampling import StopMatcher, finite_rows, sample
+from server.sequence import EngineClosed, EngineRequest, Output, QueueFull, RequestHandle, Sequence
 
 log = logging.getLogger("sleepserve.engine")
 
 
-class QueueFull(Exception):
-    """The waiting queue is at `max_waiting`."""
-
-
-class EngineClosed(Exception):
-    """The engine is shutting down and takes no new requests."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0  # 0: greedy (argmax)
-    top_p: float = 1.0
-    top_k: int = 0  # <= 0: off
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop strings: excluded from the text, which ends before them
-    stop_tokens: frozenset[int] = frozenset({EOS})
-    # Log-probabilities (of the model's own distribution, before temperature and top-k/p) of each
-    # generated token, with this many likeliest alternatives (None: none), and of the prompt's tokens
-    # (completions' echo).
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
-
-
-@dataclass
-class EngineRequest:
-    state: SessionState  # updated in place
-    prompt: list[int]  # the new tokens to feed (non-empty)
-    params: SamplingParams
-    # Stateful requests feed their last token too (the reply joins the session); stateless ones stop at
-    # the last sample.
-    stateful: bool = False
-    arrival: float = field(default_factory=time.monotonic)
-    timeout: float | None = None
-
-
-@dataclass
-class TurnStats:
-    prompt_tokens: int = 0  # prompt tokens fed (all of them unless aborted mid-prompt)
-    completion_tokens: int = 0
-    consolidated_tokens: int = 0
-    sleep_passes: int = 0
-    sleep_seconds: float = 0.0
-    session_tokens_total: int = 0
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A token, its log-probability and the likeliest alternatives at its position, as (id, logprob)."""
-
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]
-
-
-def token_logprobs(logits: Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
-    """The log-probabilities of `tokens` [T] under logits [T, vocab] (row t predicts tokens[t]), each
-    with its `top` likeliest alternatives."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-    values, ids = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
-    return [
-        TokenLogprob(token, logprob, tuple(zip(row_ids, row_values, strict=True)))
-        for token, logprob, row_ids, row_values in zip(
-            tokens, chosen, ids.tolist(), values.tolist(), strict=True
-        )
-    ]
-
-
-@dataclass
-class Output:
-    """A piece of generated text; the last one of a request has `finish_reason` and `stats`."""
-
-    text: str
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens generated since the last
-    # The prompt's tokens (params.prompt_logprobs), in one output once the whole prompt is in; None for
-    # a first token that follows nothing (a new sequence).
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    finish_reason: str | None = None
-    stats: TurnStats | None = None
-    prompt_complete: bool = True  # False when the request ended before its whole prompt was fed
-    reply: str = ""  # the last output: the whole generated text
-    reply_tokens: list[int] = field(default_factory=list)  # the last output: the generated ids fed
-    error: str = ""  # finish_reason "error": what failed
-
-
-class RequestHandle:
-    """The API side of a submitted request: iterate its outputs; `abort()` when the client is gone."""
-
-    def __init__(self, engine: Engine, seq: Sequence) -> None:
-        self._engine, self._seq = engine, seq
-        self.id = seq.id
-        self.queue: asyncio.Queue[Output] = asyncio.Queue()
-        self.result: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
-
-    def abort(self) -> None:
-        self._engine.abort(self._seq)
-
-    async def __aiter__(self) -> AsyncIterator[Output]:
-        while True:
-            out = await self.queue.get()
-            yield out
-            if out.finish_reason is not None:
-                return
-
-
-@dataclass
-class PendingSleep:
-    """A submitted consolidation: its job (whose deadline the engine moves as the session nears its
-    boundary) and the future of its result."""
-
-    job: ConsolidationJob
-    future: concurrent.futures.Future[SleepResult]
-
-
-@dataclass(eq=False)
-class Sequence:
-    """A request inside the engine."""
-
-    id: str
-    request: EngineRequest
-    loop: asyncio.AbstractEventLoop
-    handle: RequestHandle | None = None
-    deadline: float = float("inf")
-    cache: WindowCache | None = None
-    logits: Tensor | None = None  # after the last fed token
-    fed: int = 0  # prompt tokens fed so far (an offset, so that a slice never copies the rest)
-    pending: list[int] = field(default_factory=list)  # sampled tokens not fed yet
-    generated: list[int] = field(default_factory=list)
-    text: str = ""  # generated text so far (cut before a stop string)
-    sent: int = 0  # characters of `text` already emitted
-    stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
-    finish_reason: str | None = None
-    error: str = ""
-    done: bool = False  # its last output is out
-    stats: TurnStats = field(default_factory=TurnStats)
-    generator: torch.Generator | None = None
-    decoder: TextStream = field(default_factory=StreamDecoder)  # the model's tokenizer's (`submit`)
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # generated, not yet sent
-    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
-    last_token_at: float = 0.0
-    # Background sleep (with an executor): the pending consolidation of the tail's first chunk, and
-    # since when the sequence has been waiting at a boundary for it.
-    sleep: PendingSleep | None = None
-    blocked_since: float | None = None
-
-    @property
-    def state(self) -> SessionState:
-        return self.request.state
-
-    @property
-    def to_feed(self) -> int:
-        """Prompt tokens not fed yet."""
-        return len(self.request.prompt) - self.fed
-
-
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from finite logits [vocab]: argmax at temperature 0, else top-k / top-p sampling.
-    Safe at any temperature > 0: the logits are shifted to a maximum of 0 before the division, so they
-    scale to [-inf, 0] and the likeliest token keeps probability > 0; a temperature below float32's
-    smallest normal number (which float32 would round to 0) divides as that number, greedy either way."""
-    if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits.float()
-    logits = (logits - logits.max()) / max(params.temperature, _FLOAT32_TINY)
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        ordered, order = torch.sort(logits, descending=True)
-        probs = ordered.softmax(-1)
-        drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
-
-
-_FLOAT32_TINY = torch.finfo(torch.float32).tiny
-
-
-class StopMatcher:
-    """Finds stop strings in text that arrives piece by piece, in time linear in the text: one
-    Knuth-Morris-Pratt automaton per stop string, each in the state "the longest prefix of the stop
-    string that the text ends with"."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = stops
-        self.fallback = [_prefix_function(stop) for stop in stops]
-        self.matched = [0] * len(stops)
-
-    def feed(self, piece: str, offset: int) -> int | None:
-        """Feed `piece`, which starts at `offset` of the text: where the first stop string to complete
-        begins (the longest, when several complete at one character), or None."""
-        for i, char in enumerate(piece):
-            longest = 0
-            for j, stop in enumerate(self.stops):
-                k = self.matched[j]
-                while k and stop[k] != char:
-                    k = self.fallback[j][k - 1]
-                k += stop[k] == char
-                if k == len(stop):
-                    longest = max(longest, k)
-                    k = self.fallback[j][k - 1]  # the automaton stays usable past a match
-                self.matched[j] = k
-            if longest:
-                return offset + i + 1 - longest
-        return None
-
-    @property
-    def partial(self) -> int:
-        """Characters at the end of the text that may still grow into a stop string."""
-        return max(self.matched, default=0)
-
-
-def _prefix_function(pattern: str) -> list[int]:
-    """KMP: for each prefix of `pattern`, the length of its longest proper border."""
-    border = [0] * len(pattern)
-    k = 0
-    for i in range(1, len(pattern)):
-        while k and pattern[i] != pattern[k]:
-            k = border[k - 1]
-        k += pattern[i] == pattern[k]
-        border[i] = k
-    return border
-
-
-class Engine:
+class Engine(WindowBoundaries):
     def __init__(
         self,
         model: HybridLM,
@@ -497,7 +257,7 @@ class Engine:
                 self._prefill_group([seq], n)
             return
         at_boundary = []
-        finite = _finite_rows(logits[:, -1])
+        finite = finite_rows(logits[:, -1])
         for row, (seq, piece) in enumerate(zip(group, pieces, strict=True)):
             if not finite[row]:
                 self._fail(seq, "the model produced non-finite logits for this request")
@@ -537,11 +297,11 @@ class Engine:
         try:
             logits, self._cache = self.model.extend(tokens, self._cache)
             outputs: list[Tensor | None] = list(logits[:, -1])
-            finite = _finite_rows(logits[:, -1])
+            finite = finite_rows(logits[:, -1])
         except Exception as exc:
             log.warning("a decode batch of %d failed (%s): running its rows one by one", len(rows), exc)
             outputs = self._decode_apart(rows)
-            finite = [out is None or _finite_rows(out[None])[0] for out in outputs]
+            finite = [out is None or finite_rows(out[None])[0] for out in outputs]
         decoded = self._decode_clock()
         if self._last_decode is not None:
             self._rate.observe(decoded - self._last_decode)
@@ -625,22 +385,6 @@ class Engine:
         self._rows = [self._rows[row] for row in keep] + joining
         self._cache = (WindowCache.stack(parts) if len(parts) > 1 else parts[0]) if parts else None
 
-    def _window(self, seq: Sequence) -> WindowCache:
-        """The sequence's current window (a copy of its row when it is in the batch)."""
-        if seq.cache is not None:
-            return seq.cache
-        assert self._cache is not None
-        return self._cache.select([self._rows.index(seq)])
-
-    def _install(self, seq: Sequence, window: WindowCache, source: int = 0) -> None:
-        """Make row `source` of `window` the sequence's current window (copied once, into its row of
-        the batch when it is in the batch)."""
-        self._crossed = True  # a window is installed only when a sequence crosses a boundary
-        if seq.cache is None:
-            self._cache.write_row(self._rows.index(seq), window, source)
-        else:
-            seq.cache = window if window.lengths.shape[0] == 1 else window.select([source])
-
     def _advance(self, seq: Sequence, tokens: list[int], logits: Tensor) -> int:
         """Account for tokens the model has just processed, as `model.session.feed` does. Returns the
         room left in the sequence's chunk (none: it is full, the caller then calls `_consolidate`)."""
@@ -649,203 +393,10 @@ class Engine:
         seq.state.tokens_seen += len(tokens)
         return room_in_chunk(self.model, seq.state)
 
-    # -- window boundaries ----------------------------------------------------------------------------
-
-    def _consolidate(self, seqs: list[Sequence]) -> None:
-        """The current chunk of each of `seqs` is full."""
-        if self.executor is None:
-            for seq in seqs:
-                try:
-                    self._consolidate_inline(seq)
-                except Exception as exc:
-                    self._fail(seq, "its sleep failed", exc)
-            return
-        hard = self.model.config.schedule == "hard"
-        starting, crossing = [], []
-        for seq in seqs:
-            if not hard and not seq.state.prev_len:
-                seq.state.prev_len = len(seq.state.tail)  # the first chunk stays visible; it sleeps now
-                starting.append(seq)
-            elif hard and self.passes == 1:  # N = 1: the wake pass was the sleep, nothing to wait for
-                self._consolidate_inline(seq)
-            else:
-                crossing.append(seq)
-                if hard:
-                    starting.append(seq)
-        self._start_sleeps(starting)
-        ready = []
-        for seq in crossing:
-            assert seq.sleep is not None
-            if seq.sleep.future.done():
-                ready.append(seq)
-            else:  # the sleep is not done: this sequence (alone) waits for it, from now on
-                seq.blocked_since = time.monotonic()
-                # A decode stall: the sleep was due now, a missed deadline. (A prompt's boundaries
-                # come a piece per step, faster than any deadline: due now too, not counted.)
-                if seq.generated:
-                    self.executor.due_now(seq.sleep.job)
-                else:
-                    self.executor.reschedule(seq.sleep.job, self._decode_clock())
-        self._cross(ready)
-
-    def _consolidate_inline(self, seq: Sequence) -> None:
-        """Sleep now, on the decode thread, and rebuild the window."""
-        start = time.perf_counter()
-        rebuilt, report = cross_boundary(self.model, seq.state, self.passes, self._window(seq))
-        if report is None:  # lagged's first chunk: it stays in the window, nothing to sleep on yet
-            return
-        self._install(seq, rebuilt)
-        self._count_sleep(seq, report.tokens, report.passes, report.seconds)
-        self.metrics.sleep_duration.labels(trigger="window_full").observe(report.seconds)
-        self.metrics.sleep_passes.observe(report.passes)
-        self.metrics.sleep_tokens.inc(report.tokens)
-        if seq.generated:
-            self.metrics.decode_stall.observe(time.perf_counter() - start)
-
-    def _start_sleeps(self, seqs: list[Sequence]) -> None:
-        """Submit, all at once (so that equal ones run as one batch), the sleep on each tail's first
-        chunk: the previous chunk (lagged, due at the next boundary) or the full current one (hard,
-        due now)."""
-        if not seqs:
-            return
-        assert self.executor is not None
-        model, now, jobs = self.model, self._decode_clock(), []
-        lagged = model.config.schedule == "lagged"
-        for seq in seqs:
-            state = seq.state
-            n_tokens = state.prev_len if lagged else len(state.tail)
-            # Prompt tokens still to feed fill the room a piece per step, far faster than decoding:
-            # only the rest of it is decoded (a deadline at the decode rate for all of it came long
-            # after the session got there, and its sleep was paced too slowly).
-            decoded = max(0, room_in_chunk(model, state) - seq.to_feed)
-            deadline = sleep_deadline(model.config.schedule, now, decoded, self._rate.rate)
-            tail, memory = state.tail[:n_tokens], list(state.memory)
-            # lagged: due at the next boundary, tokens away (_consolidate knows when it comes)
-            jobs.append(
-                ConsolidationJob(seq.id, tail, memory, self.passes, deadline, deadline_estimated=lagged)
-            )
-        for seq, job, future in zip(seqs, jobs, self.executor.submit_all(jobs), strict=True):
-            seq.sleep = PendingSleep(job, future)
-
-    def _refresh_deadline(self, seq: Sequence, room: int) -> None:
-        """Set the deadline of a decoding sequence's pending sleep anew from the `room` left before its
-        boundary: the decode rate it was planned with drifts (a sleep that starts or ends changes the
-        steps), and a plan that is late paces the sleep too slowly, so the session waits there; one
-        that is early, too fast. Called when the room is a power of two (16, 8, 4, 2, 1 tokens): it
-        closes in at a few reschedules per window."""
-        assert self.executor is not None and seq.sleep is not None
-        if not seq.sleep.future.done():
-            now = self._decode_clock()
-            deadline = sleep_deadline(self.model.config.schedule, now, room, self._rate.rate)
-            self.executor.reschedule(seq.sleep.job, deadline)
-
-    def _collect_sleeps(self) -> None:
-        """Let the sequences that wait at a boundary for their sleep go on once it is done."""
-        done = [
-            s
-            for s in self.running
-            if s.blocked_since is not None and s.sleep is not None and s.sleep.future.done()
-        ]
-        for seq in done:
-            self._unblock(seq)
-        self._cross(done)
-        for seq in done:
-            if seq.done:  # its sleep failed
-                continue
-            if seq.finish_reason is not None and not seq.pending:
-                self._finish(seq, seq.finish_reason)
-            elif not seq.to_feed and not seq.pending:  # its prompt ended at the boundary
-                self._prompt_fed(seq)
-
-    def _unblock(self, seq: Sequence) -> None:
-        assert seq.blocked_since is not None
-        if seq.generated:
-            self.metrics.decode_stall.observe(time.monotonic() - seq.blocked_since)
-        seq.blocked_since = None
-
-    def _cross(self, seqs: list[Sequence]) -> None:
-        """Cross the boundary of each of `seqs` with its finished sleep (waiting for it if need be): swap
-        in the new memory and rebuild the window from it, all of them in one batch."""
-        if not seqs:
-            return
-        lagged = self.model.config.schedule == "lagged"
-        assert self.executor is not None
-        crossing = []
-        for seq in seqs:
-            assert seq.sleep is not None
-            try:
-                result, seq.sleep = self.executor.result(seq.sleep.future), None
-            except Exception as exc:
-                seq.sleep = None
-                self._fail(seq, "its sleep failed", exc)
-                continue
-            crossing.append(seq)
-            state = seq.state
-            n_tokens = state.prev_len if lagged else len(state.tail)
-            apply_sleep(state, result.memory, n_tokens, result.passes, result.seconds)
-            self._count_sleep(seq, n_tokens, result.passes, result.seconds)
-            if lagged:
-                state.prev_len = len(state.tail)  # the chunk that just completed stays visible
-        if not crossing:
-            return
-        if self.model.config.stale_kv:
-            self._move_stale_windows(crossing)
-        else:
-            crossing = self._reopen_windows(crossing)
-        if lagged:
-            self._start_sleeps(crossing)  # on the chunks that just completed
-
-    def _reopen_windows(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Rebuild the windows of `seqs` from their new memory, in batches; should that fail, each alone.
-        Returns the sequences that go on."""
-        try:
-            windows = open_windows(self.model, [seq.state for seq in seqs])
-        except Exception as exc:
-            if len(seqs) == 1:
-                self._fail(seqs[0], "its window could not be rebuilt after its sleep", exc)
-                return []
-            log.warning("rebuilding %d windows failed (%s): one by one", len(seqs), exc)
-            return [kept for seq in seqs for kept in self._reopen_windows([seq])]
-        for seq, (window, row) in zip(seqs, windows, strict=True):
-            self._install(seq, window, row)
-        return seqs
-
-    def _move_stale_windows(self, seqs: list[Sequence]) -> None:
-        """stale-kv's boundary for `seqs`, whose sleeps were just swapped in: each window keeps its
-        completed chunk's keys and values and restarts its fast weights from the new memory
-        (`HybridLM.move_stale`), in place: the decode batch's rows in one go per chunk length."""
-        self._crossed = True
-        in_batch: dict[int, list[Sequence]] = {}
-        for seq in seqs:
-            if seq.cache is None:
-                in_batch.setdefault(len(seq.state.tail), []).append(seq)
-            else:
-                self._move_stale(seq.cache, [0], [seq])
-        for group in in_batch.values():
-            self._move_stale(self._cache, [self._rows.index(seq) for seq in group], group)
-
-    def _move_stale(self, cache: WindowCache, rows: list[int], group: list[Sequence]) -> None:
-        """`HybridLM.move_stale` for `group` (equal tails), the windows in `rows` of `cache`."""
-        memory = batch_memory(self.model, [seq.state for seq in group])
-        self.model.move_stale(cache, rows, memory, len(group[0].state.tail))
-
-    def _settle(self, seq: Sequence) -> None:
-        """Before a sequence ends: if it waits at a boundary, cross it (the session must be stored with
-        a full chunk consolidated), waiting for the sleep if need be."""
-        if seq.blocked_since is None:
-            return
-        self._unblock(seq)
-        self._cross([seq])
-
     def _decode_clock(self) -> float:
         """The clock sleep deadlines are set on (`SleepExecutor.now`: with interleaved sleep it leaves
         out the decode thread's sleeping, so that the decode rate and deadlines count decoding only)."""
         return self.executor.now() if self.executor is not None else time.monotonic()
-
-    def _count_sleep(self, seq: Sequence, tokens: int, passes: int, seconds: float) -> None:
-        seq.stats.consolidated_tokens += tokens
-        seq.stats.sleep_passes += passes
-        seq.stats.sleep_seconds += seconds
 
     def _prompt_fed(self, seq: Sequence) -> None:
         """The whole prompt is in: start replying (max_tokens 0: the request only fed its prompt)."""
@@ -971,11 +522,6 @@ class Engine:
         capacity = self.model.config.window_capacity
         fills = [len(s.state.tail) / capacity for s in self.running]
         self.metrics.kv_window_usage_ratio.set(sum(fills) / len(fills) if fills else 0.0)
-
-
-def _finite_rows(logits: Tensor) -> list[bool]:
-    """Whether each row of logits [B, vocab] is finite: one check (and one device sync) per batch."""
-    return torch.isfinite(logits).all(-1).tolist()
 
 
 def _set_result(future: asyncio.Future, value: Output) -> None:

@@ -1,4 +1,4 @@
-"""OpenAI's two logprobs formats, built from the engine's `TokenLogprob`s.
+"""Log-probabilities: the engine's scoring of tokens (`TokenLogprob`), and OpenAI's two formats of them.
 
 Completions: parallel lists of token texts, their log-probabilities (None for a first token that follows
 nothing), dicts of the likeliest alternatives with the token itself, and where each token starts in the
@@ -9,11 +9,38 @@ A token's text is its own decoding (as vLLM): one that holds part of a character
 
 from __future__ import annotations
 
-from server.engine import TokenLogprob
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
 from server.schemas import ChatLogprobs, CompletionLogprobs, TopLogprob
 from server.schemas import TokenLogprob as ChatTokenLogprob
 
 FLOOR = -9999.0  # JSON has no -inf: a token the model rules out gets this instead (as vLLM)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token, its log-probability and the likeliest alternatives at its position, as (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """The log-probabilities of `tokens` [T] under logits [T, vocab] (row t predicts tokens[t]), each
+    with its `top` likeliest alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    values, ids = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
+    return [
+        TokenLogprob(token, logprob, tuple(zip(row_ids, row_values, strict=True)))
+        for token, logprob, row_ids, row_values in zip(
+            tokens, chosen, ids.tolist(), values.tolist(), strict=True
+        )
+    ]
 
 
 class LogprobFormatter:

@@ -16,17 +16,10 @@ from dataclasses import dataclass
 from model.hybrid import HybridLM
 from model.session import new_state
 from server.chat import ChatTurn
-from server.engine import (
-    Engine,
-    EngineClosed,
-    EngineRequest,
-    Output,
-    QueueFull,
-    RequestHandle,
-    SamplingParams,
-)
+from server.engine import Engine
 from server.errors import APIError
 from server.idle import IdleConsolidator
+from server.sequence import EngineClosed, EngineRequest, Output, QueueFull, RequestHandle, SamplingParams
 from server.sessions import Checkout, SessionManager, reply_hash
 from server.stores import StoreError, StoreUnavailable, VersionConflict
 

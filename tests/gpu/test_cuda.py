@@ -19,8 +19,9 @@ from model.state import SessionState
 from model.tokenizer import ByteTokenizer
 from scheduler.isolation import create_executor
 from scheduler.thread import LocalSleeper
-from server.engine import Engine, EngineRequest, SamplingParams
+from server.engine import Engine
 from server.metrics import Metrics
+from server.sequence import EngineRequest, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TOKENIZER = ByteTokenizer()

@@ -16,8 +16,10 @@ from model.session import generate, new_state
 from model.tokenizer import ByteTokenizer
 from scheduler.isolation import create_executor
 from scheduler.policy import DepthPolicy
-from server.engine import Engine, EngineRequest, SamplingParams, StopMatcher, sample
+from server.engine import Engine
 from server.metrics import Metrics
+from server.sampling import StopMatcher, sample
+from server.sequence import EngineRequest, SamplingParams
 
 TOKENIZER = ByteTokenizer()
 PROMPTS = [f"stream {i}: hello" for i in range(5)]

@@ -15,8 +15,9 @@ from model.session import generate, new_state
 from model.tokenizer import EOS, ByteTokenizer
 from scheduler.isolation import create_executor
 from scheduler.policy import DecodeRate, DepthPolicy
-from server.engine import Engine, EngineRequest, Output, QueueFull, SamplingParams
+from server.engine import Engine
 from server.metrics import Metrics
+from server.sequence import EngineRequest, Output, QueueFull, SamplingParams
 
 TOKENIZER = ByteTokenizer()
 
