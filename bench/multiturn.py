@@ -268,7 +268,7 @@ def run(work: Workload, systems: list[str], folder: Path, progress: bool = True)
             [
                 "--checkpoint",
                 str(product_dir),
-                "--model-name",
+                "--served-model-name",
                 "sleepserve",
                 "--schedule",
                 "lagged",
@@ -282,7 +282,7 @@ def run(work: Workload, systems: list[str], folder: Path, progress: bool = True)
             [
                 "--checkpoint",
                 str(dense_dir),
-                "--model-name",
+                "--served-model-name",
                 "full-attention",
                 "--sleep-mode",
                 "inline",
