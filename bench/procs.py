@@ -36,7 +36,24 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-class RedisProcess:
+class ChildProcess:
+    """A process this benchmark started and can restart: `kill` is a kill -9 (a server's own children,
+    such as its sleeper process, see their pipe close and exit), `stop` a clean stop."""
+
+    process: subprocess.Popen | None = None
+
+    def kill(self) -> None:
+        """kill -9, and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+
+
+class RedisProcess(ChildProcess):
     """A `redis-server` child on 127.0.0.1 that can be killed and started again on the same port and
     folder; with `appendonly`, every write is in its AOF before it answers (`appendfsync always`), so
     the data outlives a kill -9."""
@@ -87,16 +104,6 @@ class RedisProcess:
         finally:
             client.close()
 
-    def kill(self) -> None:
-        """kill -9, and reap it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            _stop(self.process)
-
 
 @contextmanager
 def redis_server(timeout: float = 10.0) -> Iterator[str]:
@@ -110,7 +117,7 @@ def redis_server(timeout: float = 10.0) -> Iterator[str]:
             server.stop()
 
 
-class ServerProcess:
+class ServerProcess(ChildProcess):
     """`python -m <module> --host 127.0.0.1 --port <port> <args>` as a child process (with `env` added to
     the environment), output appended to `log`, on a port fixed at construction so that it can be
     killed and started again where its clients expect it."""
@@ -160,16 +167,6 @@ class ServerProcess:
                     f"{self.module} did not answer {probe} in {timeout} s:\n{self.log.read_text()[-4000:]}"
                 )
             time.sleep(0.1)
-
-    def kill(self) -> None:
-        """kill -9 (its children, such as a sleeper process, see their pipe close and exit), and reap it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            _stop(self.process)
 
 
 @contextmanager
