@@ -1,4 +1,3 @@
-# Over 400 lines: the step loop (admit, prefill, decode, sample, finish) shares one batch's state; read as one.
 """The engine: one thread that runs every admitted sequence, decoding them together as one batch.
 
 Each iteration (`Engine.step`) does, in order:
@@ -12,12 +11,11 @@ Each iteration (`Engine.step`) does, in order:
    and is only cut and re-stacked when sequences join or leave).
 
 A sequence's `SessionState` is updated in place token by token, exactly as `model.session.feed` does,
-so an aborted request leaves its session as of its last fully processed token. Outputs reach each
-request's asyncio queue through `loop.call_soon_threadsafe`, a step's worth in one call (`_flush`):
-each call wakes the event loop, which then takes the GIL from the decode loop.
+so an aborted request leaves its session as of its last fully processed token.
 
-Window boundaries (a sequence's chunk is full: its sleep, and the window rebuilt after it) are in
-`server/boundaries.py`, whose methods the engine inherits.
+The engine inherits its two other halves: window boundaries (a sequence's chunk is full: its sleep, and
+the window rebuilt after it) from `server/boundaries.py`, and outputs (sampling, stop strings, the text
+sent, finished requests, the hand-off to the event loops) from `server/outputs.py`.
 
 Finish reasons: `stop` (EOS, a stop token or a stop string), `length` (max_tokens), `abort` (client
 gone or server shutdown), `timeout` (request_timeout passed), `error` (the model failed on this
@@ -26,14 +24,13 @@ sequence; the session must not be saved).
 Containment: a failure tied to one sequence (its window does not open, its logits are not finite, its
 sampling or its sleep raises) finishes that sequence alone with `error`. A batched model call that
 raises is run again row by row, so that only the rows that fail again end (`_decode_apart`,
-`_prefill_group`, `WindowBoundaries._reopen_windows`); the others go on as if nothing happened. A background sleep batch
-that raises is retried job by job the same way (`scheduler/thread.py`).
+`_prefill_group`, `WindowBoundaries._reopen_windows`); the others go on as if nothing happened. A
+background sleep batch that raises is retried job by job the same way (`scheduler/thread.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import secrets
@@ -51,15 +48,16 @@ from model.tokenizer import ByteTokenizer, Tokenizer
 from scheduler.executor import SleepExecutor
 from scheduler.policy import DecodeRate
 from server.boundaries import WindowBoundaries
-from server.logprobs import TokenLogprob, token_logprobs
+from server.logprobs import token_logprobs
 from server.metrics import Metrics
-from server.sampling import StopMatcher, finite_rows, sample
-from server.sequence import EngineClosed, EngineRequest, Output, QueueFull, RequestHandle, Sequence
+from server.outputs import TokenOutputs
+from server.sampling import StopMatcher, finite_rows
+from server.sequence import EngineClosed, EngineRequest, QueueFull, RequestHandle, Sequence
 
 log = logging.getLogger("sleepserve.engine")
 
 
-class Engine(WindowBoundaries):
+class Engine(WindowBoundaries, TokenOutputs):
     def __init__(
         self,
         model: HybridLM,
@@ -398,132 +396,9 @@ class Engine(WindowBoundaries):
         out the decode thread's sleeping, so that the decode rate and deadlines count decoding only)."""
         return self.executor.now() if self.executor is not None else time.monotonic()
 
-    def _prompt_fed(self, seq: Sequence) -> None:
-        """The whole prompt is in: start replying (max_tokens 0: the request only fed its prompt)."""
-        if seq.request.params.prompt_logprobs is not None:
-            self._deliver(seq, Output("", prompt_logprobs=seq.prompt_logprobs))
-        if seq.request.params.max_tokens == 0:
-            self._finish(seq, "length")
-        else:
-            self._sample(seq)
-
-    def _sample(self, seq: Sequence) -> None:
-        """Sample the next token after `seq.logits`, emit its text, and decide whether the request ends."""
-        params = seq.request.params
-        try:
-            token = sample(seq.logits, params, seq.generator)
-        except Exception as exc:
-            self._fail(seq, "sampling failed", exc)
-            return
-        now = time.monotonic()
-        if seq.generated:
-            self.metrics.inter_token_latency.observe(now - seq.last_token_at)
-        else:
-            self.metrics.time_to_first_token.observe(now - seq.request.arrival)
-        seq.last_token_at = now
-        if params.logprobs is not None:
-            seq.logprobs += token_logprobs(seq.logits[None], [token], params.logprobs)
-        seq.generated.append(token)
-        seq.stats.completion_tokens += 1
-        self.metrics.generation_tokens.inc()
-        reason = "stop" if token in params.stop_tokens else self._append_text(seq, token)
-        if reason is None and len(seq.generated) >= params.max_tokens:
-            reason = "length"
-        if reason is None:
-            seq.pending = [token]
-            self._emit(seq, final=False)
-            return
-        seq.finish_reason = reason
-        if not seq.request.stateful:
-            self._finish(seq, reason)
-            return
-        seq.pending = [token]
-
-    def _append_text(self, seq: Sequence, token: int) -> str | None:
-        """Add the token's text; on a stop string cut the text before it and return "stop"."""
-        piece = seq.decoder.push(token)
-        at = seq.stops.feed(piece, len(seq.text))
-        seq.text += piece
-        if at is None:
-            return None
-        seq.text = seq.text[:at]
-        seq.decoder.flush()  # drop a partial character after the stop string
-        return "stop"
-
-    def _emit(self, seq: Sequence, final: bool) -> None:
-        """Send the text not yet sent, holding back an end that may still become a stop string."""
-        end = len(seq.text) if final else len(seq.text) - seq.stops.partial
-        if end > seq.sent:
-            self._deliver(seq, Output(seq.text[seq.sent : end], self._take_logprobs(seq)))
-            seq.sent = end
-
-    @staticmethod
-    def _take_logprobs(seq: Sequence) -> list[TokenLogprob]:
-        """The generated tokens' log-probabilities not yet sent: they go with the next text sent."""
-        taken, seq.logprobs = seq.logprobs, []
-        return taken
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        if seq.done:  # failed earlier in this step
-            return
-        seq.done = True
-        if seq.sleep is not None:  # the stored state does not need it: the next request sleeps anew
-            assert self.executor is not None
-            self.executor.cancel_session(seq.id)
-            seq.sleep = None
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            with self._wake:
-                self.waiting.remove(seq)
-        seq.text += seq.decoder.flush()
-        self._emit(seq, final=True)
-        seq.stats.session_tokens_total = seq.state.tokens_seen
-        self.metrics.request_success.labels(finished_reason=reason).inc()
-        self.metrics.e2e_request_latency.observe(time.monotonic() - seq.request.arrival)
-        final = Output(
-            "",
-            self._take_logprobs(seq),
-            finish_reason=reason,
-            stats=seq.stats,
-            prompt_complete=not seq.to_feed,
-            reply=seq.text,
-            reply_tokens=seq.generated[: len(seq.generated) - len(seq.pending)]
-            if seq.request.stateful
-            else [],
-            error=seq.error,
-        )
-        self._deliver(seq, final)
-        self._outbox.append((seq.loop, _set_result, (seq.handle.result, final)))
-
-    def _deliver(self, seq: Sequence, out: Output) -> None:
-        self._outbox.append((seq.loop, seq.handle.queue.put_nowait, (out,)))
-
-    def _flush(self) -> None:
-        """Hand the outputs gathered so far to their event loops, one call per loop."""
-        outbox, self._outbox = self._outbox, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., object], tuple]]] = {}
-        for loop, fn, args in outbox:
-            by_loop.setdefault(loop, []).append((fn, args))
-        handed = time.perf_counter()
-        for loop, calls in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-                loop.call_soon_threadsafe(self._hand_over, handed, calls)
-
-    def _hand_over(self, handed: float, calls: list[tuple[Callable[..., object], tuple]]) -> None:
-        """On the event loop: run a flush's calls, timing how long they waited for the loop."""
-        self.metrics.output_handoff.observe(time.perf_counter() - handed)
-        for fn, args in calls:
-            fn(*args)
-
     def _update_gauges(self) -> None:
         self.metrics.requests_running.set(len(self.running))
         self.metrics.requests_waiting.set(len(self.waiting))
         capacity = self.model.config.window_capacity
         fills = [len(s.state.tail) / capacity for s in self.running]
         self.metrics.kv_window_usage_ratio.set(sum(fills) / len(fills) if fills else 0.0)
-
-
-def _set_result(future: asyncio.Future, value: Output) -> None:
-    if not future.done():
-        future.set_result(value)
