@@ -36,6 +36,15 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def redis_args(binary: str, port: int, folder: Path, appendonly: bool) -> list[str]:
+    """The command line of a `redis-server` on 127.0.0.1:`port` keeping its files in `folder`, no RDB
+    snapshots; with `appendonly`, every write in its AOF before it answers (`appendfsync always`)."""
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(folder)]
+    return args + (
+        ["--appendonly", "yes", "--appendfsync", "always"] if appendonly else ["--appendonly", "no"]
+    )
+
+
 class ChildProcess:
     """A process this benchmark started and can restart: `kill` is a kill -9 (a server's own children,
     such as its sleeper process, see their pipe close and exit), `stop` a clean stop."""
@@ -65,20 +74,7 @@ class RedisProcess(ChildProcess):
                 "redis-server is not on PATH: `apt-get install -y redis-server` (or `make system-deps`)"
             )
         self.port = port or free_port()
-        self.args = [
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-            str(folder),
-        ]
-        self.args += (
-            ["--appendonly", "yes", "--appendfsync", "always"] if appendonly else ["--appendonly", "no"]
-        )
+        self.args = redis_args(binary, self.port, folder, appendonly)
         self.process: subprocess.Popen | None = None
 
     @property

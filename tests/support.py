@@ -19,6 +19,8 @@ import openai
 import pytest
 import redis
 
+from bench.procs import redis_args
+
 if TYPE_CHECKING:
     from model.hybrid import HybridLM
 
@@ -55,20 +57,7 @@ class RedisServer:
             pytest.fail(REDIS_MISSING, pytrace=False)
         self.directory.mkdir(parents=True, exist_ok=True)
         log = self.directory / "redis.log"
-        args = [
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-            str(self.directory),
-        ]
-        args += (
-            ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else ["--appendonly", "no"]
-        )
+        args = redis_args(binary, self.port, self.directory, self.appendonly)
         with log.open("ab") as out:  # the child keeps its own descriptor
             self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
